@@ -1,0 +1,34 @@
+# One command on a fresh machine: `make train` (the digits run) or `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The torch pair this machine installs from its own disk; users' clusters bring their own.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install train sample test bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+train: install
+	$(PY) train.py experiment=digits hydra.run.dir=outputs/digits
+	$(PY) sample.py checkpoint=outputs/digits/checkpoints/latest.pt num_samples=100 hydra.run.dir=outputs/digits/sample
+	$(PY) -m diffusion.evaluate outputs/digits/sample/samples.npz
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench.py
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf outputs multirun .pytest_cache
