@@ -1,0 +1,177 @@
+"""One checkpoint file with everything a run needs, written atomically, read without running code.
+
+A checkpoint holds only tensors and plain Python values (the config as a YAML string), so it loads with
+``torch.load(..., weights_only=True)``: a file from the internet cannot execute code when it is opened.
+``checkpoints/latest.pt`` is a symbolic link replaced atomically after the file it names is complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+LATEST = "latest.pt"
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which file and why."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` to ``path`` so that ``path`` is either the old file or the complete new one.
+
+    The bytes go to a temporary file in the same directory, are fsynced, and the file is renamed over ``path``.
+    A failure (disk full, a kill) leaves at most the temporary file, which is removed when possible.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise CheckpointError(
+                f"disk full while writing {path}; the previous checkpoint is intact. Free space in "
+                f"{path.parent} or lower keep_last, then resume."
+            ) from e
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def point_latest(ckpt_dir: Path, target: Path) -> None:
+    """Atomically make ``ckpt_dir/latest.pt`` a relative link to ``target``."""
+    tmp = ckpt_dir / f".{LATEST}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(target.name, tmp)
+    os.replace(tmp, ckpt_dir / LATEST)
+    _fsync_dir(ckpt_dir)
+
+
+def save_checkpoint(
+    state: dict, ckpt_dir: str | os.PathLike, step: int, keep_last: int = 2, milestone_every: int = 0
+) -> Path:
+    """Write ``step_<step>.pt``, point ``latest.pt`` at it, then prune old periodic checkpoints."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / f"step_{step:08d}.pt"
+    atomic_save({"format_version": FORMAT_VERSION, **state}, path)
+    point_latest(ckpt_dir, path)
+    prune(ckpt_dir, keep_last, milestone_every)
+    return path
+
+
+def prune(ckpt_dir: Path, keep_last: int, milestone_every: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints, every milestone, and whatever ``latest.pt`` names."""
+    latest = (ckpt_dir / LATEST).resolve() if (ckpt_dir / LATEST).exists() else None
+    steps = sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP_FILE.match(p.name)))
+    for step, p in steps[: max(len(steps) - max(keep_last, 1), 0)]:
+        if milestone_every and step % milestone_every == 0:
+            continue
+        if latest is not None and p.resolve() == latest:
+            continue
+        p.unlink(missing_ok=True)
+    for p in ckpt_dir.glob(".*.tmp-*"):  # left by a process killed mid-write
+        p.unlink(missing_ok=True)
+
+
+def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """``torch.load`` with ``weights_only=True`` and errors that name the file and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a directory; pass the .pt file (for a run: <run>/checkpoints/{LATEST})"
+        )
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains Python objects other than tensors and plain values, which "
+            f"could run code when unpickled (weights_only=True rejected it: {str(e).splitlines()[0]})"
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint or a state dict")
+    return obj
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by this project (see :func:`save_checkpoint`)."""
+    obj = load_file(path, map_location)
+    version = obj.get("format_version")
+    if version is None or "model" not in obj:
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this project (no format_version/model keys); a plain state dict such "
+            "as OpenAI's releases loads with init_from=PATH (training) or model=<preset> checkpoint=PATH (sampling)"
+        )
+    if version != FORMAT_VERSION:
+        newer = "newer" if version > FORMAT_VERSION else "older"
+        raise CheckpointError(
+            f"{path} has checkpoint format {version}, this code reads format {FORMAT_VERSION} ({newer} file): "
+            "use the version of this project that wrote it"
+        )
+    return obj
+
+
+def model_weights(obj: dict, use_ema: bool = True, ema_rate: float | None = None) -> dict:
+    """The network's state dict from a project checkpoint (an EMA by default) or a plain state dict."""
+    if "format_version" not in obj:
+        return obj
+    if use_ema and obj.get("ema"):
+        key = str(ema_rate) if ema_rate is not None else next(iter(obj["ema"]))
+        if key not in obj["ema"]:
+            raise CheckpointError(f"no EMA with rate {ema_rate}; the checkpoint has {sorted(obj['ema'])}")
+        return obj["ema"][key]
+    return obj["model"]
+
+
+def describe_mismatch(model: torch.nn.Module, state_dict: dict, limit: int = 5) -> str:
+    """Name the first keys and shapes in which ``state_dict`` differs from ``model``; empty when they match."""
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state_dict.items()}
+    lines = []
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    shapes = [k for k in ours if k in theirs and ours[k] != theirs[k]]
+    if missing:
+        lines.append(f"{len(missing)} keys missing from the file, e.g. {', '.join(missing[:limit])}")
+    if unexpected:
+        lines.append(f"{len(unexpected)} unexpected keys in the file, e.g. {', '.join(unexpected[:limit])}")
+    if shapes:
+        lines.append(
+            f"{len(shapes)} shapes differ, e.g. "
+            + ", ".join(f"{k}: model {ours[k]} vs file {theirs[k]}" for k in shapes[:limit])
+        )
+    return "; ".join(lines)
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """Strictly load ``state_dict`` into ``model`` or raise naming what differs."""
+    problem = describe_mismatch(model, state_dict)
+    if problem:
+        raise CheckpointError(f"{source} does not fit the configured model: {problem}")
+    model.load_state_dict(state_dict, strict=True)

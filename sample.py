@@ -1,0 +1,38 @@
+"""Generate images: python sample.py checkpoint=outputs/.../checkpoints/latest.pt num_samples=64 solver=dpm_solver
+
+Writes samples.npz (arr_0: uint8 [N,H,W,C], arr_1: class labels; the layout OpenAI's evaluator reads) and grid.png
+into the run directory. OpenAI's released files: python sample.py model=unet_256 diffusion=adm
+checkpoint=256x256_diffusion.pt solver=ddim solver.steps=25
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from diffusion.config import register_configs, register_resolvers
+
+register_configs()
+register_resolvers()
+log = logging.getLogger("sample")
+
+
+@hydra.main(config_path="conf", config_name="sample", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from diffusion.checkpoint import CheckpointError
+    from diffusion.sampling import sample
+
+    try:
+        sample(cfg, HydraConfig.get().runtime.output_dir)
+    except (CheckpointError, ValueError) as e:
+        log.debug("sampling failed", exc_info=True)
+        log.error("%s", e)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
