@@ -1,0 +1,823 @@
+"""The Gaussian diffusion process of DDPM, improved DDPM and ADM ("Diffusion Models Beat GANs").
+
+Forward noising q(x_t | x_0), the reverse-process parameterisations (epsilon, x0, v; fixed or learned variance),
+ancestral and DDIM sampling, the training losses and the variational bound in bits/dim.
+
+Respacing is built in: a process made with ``timestep_respacing`` keeps a subset of the original timesteps,
+recomputes its betas from the kept steps' alphas_cumprod, and always calls the network with the ORIGINAL
+timestep indices (``timestep_map``), so a model trained on 1000 steps samples correctly with 50.
+
+Schedule arrays are float64 numpy; they are indexed per batch and cast to the input's dtype and device.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+Model = Callable[..., Tensor]
+
+MEAN_TYPES = ("epsilon", "x0", "v")
+VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
+LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
+
+# Schedule tables behind each fixed variance type: (variance, log-variance) attribute names.
+_FIXED_VARIANCE_TABLES = {
+    "fixed_small": ("posterior_variance", "posterior_log_variance_clipped"),
+    "fixed_large": ("fixed_large_variance", "fixed_large_log_variance"),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Schedules and respacing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _linear_betas(num_steps: int) -> np.ndarray:
+    # The endpoints scale with 1000/num_steps so that a shorter chain adds the same total noise as DDPM's 1000.
+    scale = 1000 / num_steps
+    return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
+
+
+def _cosine_alpha_bar(s: float) -> float:
+    return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def _cosine_betas(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
+    # Betas follow from a continuous alpha_bar(s), s in [0, 1]; capping them keeps the last step non-singular.
+    betas = [
+        min(1 - _cosine_alpha_bar((i + 1) / num_steps) / _cosine_alpha_bar(i / num_steps), max_beta)
+        for i in range(num_steps)
+    ]
+    return np.array(betas, dtype=np.float64)
+
+
+_BETA_SCHEDULES = {"linear": _linear_betas, "cosine": _cosine_betas}
+
+
+def get_named_beta_schedule(name: str, num_steps: int) -> np.ndarray:
+    """
+    Betas of a named noise schedule.
+
+    :param name: "linear" (DDPM, endpoints scaled by 1000/num_steps) or "cosine" (improved DDPM).
+    :param num_steps: the number of diffusion steps T.
+    :return: a float64 array of T betas.
+    """
+    _check_positive_int("num_steps", num_steps)
+    if name not in _BETA_SCHEDULES:
+        raise ValueError(f"noise_schedule must be one of {sorted(_BETA_SCHEDULES)}, got {name!r}")
+    return _BETA_SCHEDULES[name](num_steps)
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> list[int]:
+    """
+    Which of the original timesteps a respaced process keeps, exactly as guided-diffusion chooses them.
+
+    :param num_timesteps: the number of steps of the original process.
+    :param section_counts: either "ddimN" (the integer stride that gives exactly N steps, as in DDIM), or counts
+        of steps per equal section, as a comma string ("10,15,20"), an int or a sequence of ints: the original
+        steps are cut into len(counts) sections and each section is sampled evenly (its ends included).
+    :return: the sorted list of kept original timesteps.
+    """
+    _check_positive_int("num_timesteps", num_timesteps)
+    if isinstance(section_counts, str) and section_counts.startswith("ddim"):
+        return _ddim_timesteps(num_timesteps, section_counts)
+    counts = _parse_section_counts(section_counts)
+    size_per, extra = divmod(num_timesteps, len(counts))
+    kept: list[int] = []
+    start = 0
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if count > size:
+            raise ValueError(
+                f"timestep_respacing: section {i} covers {size} of the {num_timesteps} steps; "
+                f"it cannot keep {count}"
+            )
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        # Accumulating the fractional index (rather than j * stride) reproduces the reference's rounding.
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
+        start += size
+    if not kept:
+        raise ValueError(f"timestep_respacing {section_counts!r} keeps no timestep")
+    return sorted(kept)
+
+
+def _ddim_timesteps(num_timesteps: int, spec: str) -> list[int]:
+    try:
+        desired = int(spec[len("ddim") :])
+    except ValueError:
+        raise ValueError(f"timestep_respacing {spec!r}: expected 'ddimN' with an integer N") from None
+    for stride in range(1, num_timesteps):
+        if len(range(0, num_timesteps, stride)) == desired:
+            return list(range(0, num_timesteps, stride))
+    raise ValueError(
+        f"timestep_respacing {spec!r}: no integer stride takes exactly {desired} of {num_timesteps} steps"
+    )
+
+
+def _parse_section_counts(section_counts: str | int | Sequence[int]) -> list[int]:
+    if isinstance(section_counts, numbers.Integral):
+        section_counts = [section_counts]
+    elif isinstance(section_counts, str):
+        try:
+            section_counts = [int(part) for part in section_counts.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"timestep_respacing {section_counts!r}: expected 'ddimN' or comma-separated integers"
+            ) from None
+    counts = list(section_counts)
+    if not counts or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0 for c in counts):
+        raise ValueError(f"timestep_respacing: section counts must be non-negative integers, got {counts!r}")
+    return [int(c) for c in counts]
+
+
+def _respaced_betas(alphas_cumprod: np.ndarray, kept: Sequence[int]) -> np.ndarray:
+    # Keep alpha_bar at the kept steps unchanged: each new beta bridges one kept step to the next.
+    kept_alphas_cumprod = alphas_cumprod[list(kept)]
+    previous = np.append(1.0, kept_alphas_cumprod[:-1])
+    return 1.0 - kept_alphas_cumprod / previous
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gaussian likelihood helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def mean_flat(x: Tensor) -> Tensor:
+    """Mean over every dimension but the batch: [N x ...] -> [N]."""
+    return x.mean(dim=list(range(1, x.dim())))
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats; arguments broadcast."""
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
+
+
+def approx_standard_normal_cdf(x: Tensor) -> Tensor:
+    """The tanh approximation of the standard normal CDF (used by the reference decoder)."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
+    """
+    Log-likelihood of 8-bit data under a Gaussian discretised into 256 bins over [-1, 1].
+
+    :param x: an [N x C x ...] Tensor of data scaled from uint8 to [-1, 1].
+    :param means: the Gaussian means, same shape.
+    :param log_scales: log standard deviations, same shape.
+    :return: elementwise log-probabilities in nats, same shape.
+    """
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    # The edge bins extend to +-infinity; clamps keep log() finite where the bin mass underflows.
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_bin = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_bin))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The process
+# --------------------------------------------------------------------------------------------------------------
+
+
+class GaussianDiffusion:
+    """
+    A Gaussian diffusion process with its reverse-process parameterisation and losses.
+
+    :param steps: number of steps T of the original (training) process.
+    :param noise_schedule: "linear" or "cosine".
+    :param model_mean_type: what the network predicts: "epsilon" (the noise), "x0" (the clean image) or
+        "v" (sqrt(alpha_bar) * eps - sqrt(1 - alpha_bar) * x0).
+    :param model_var_type: "fixed_small" (posterior variance), "fixed_large" (beta_t), "learned" (the network
+        outputs the log-variance) or "learned_range" (it outputs v in [-1, 1] interpolating between the two).
+        Learned types make the network output twice the image channels.
+    :param loss_type: "mse" (plus the bound for learned variances), "rescaled_mse" (bound scaled by T/1000),
+        "kl" (the variational bound) or "rescaled_kl" (the bound times T).
+    :param rescale_timesteps: call the network with float t * 1000 / steps (improved-DDPM models) instead of
+        the integer original index.
+    :param timestep_respacing: None for all steps, or the section counts of :func:`space_timesteps`.
+    """
+
+    def __init__(
+        self,
+        steps: int = 1000,
+        noise_schedule: str = "linear",
+        model_mean_type: str = "epsilon",
+        model_var_type: str = "learned_range",
+        loss_type: str = "mse",
+        rescale_timesteps: bool = False,
+        timestep_respacing: str | int | Sequence[int] | None = None,
+    ):
+        _check_choice("model_mean_type", model_mean_type, MEAN_TYPES)
+        _check_choice("model_var_type", model_var_type, VAR_TYPES)
+        _check_choice("loss_type", loss_type, LOSS_TYPES)
+        self._settings = dict(
+            steps=steps,
+            noise_schedule=noise_schedule,
+            model_mean_type=model_mean_type,
+            model_var_type=model_var_type,
+            loss_type=loss_type,
+            rescale_timesteps=rescale_timesteps,
+        )
+        self.model_mean_type = model_mean_type
+        self.model_var_type = model_var_type
+        self.loss_type = loss_type
+        self.rescale_timesteps = bool(rescale_timesteps)
+        self.original_num_steps = steps
+        self.timestep_respacing = timestep_respacing
+
+        betas = get_named_beta_schedule(noise_schedule, steps)
+        if not ((betas > 0) & (betas < 1)).all():
+            raise ValueError(f"steps={steps} gives {noise_schedule} betas outside (0, 1); use more steps")
+        if _is_respaced(timestep_respacing):
+            kept = space_timesteps(steps, timestep_respacing)
+            betas = _respaced_betas(np.cumprod(1.0 - betas), kept)
+        else:
+            kept = list(range(steps))
+        if len(kept) < 2:
+            raise ValueError(
+                f"timestep_respacing {timestep_respacing!r} keeps {len(kept)} step; need at least 2"
+            )
+        self.timestep_map = torch.tensor(kept, dtype=torch.long)
+        self._set_schedule(betas)
+        self._device_tables: dict[tuple[str, torch.device], Tensor] = {}
+        self._xstart_eps_from_output = {
+            "epsilon": self._from_epsilon,
+            "x0": self._from_xstart,
+            "v": self._from_v,
+        }[model_mean_type]
+        # Scale on the bound term: the MSE variants add it for learned variances, the KL variants are made of it.
+        self._vb_scale = {
+            "mse": 1.0,
+            "rescaled_mse": self.num_timesteps / 1000.0,
+            "kl": 1.0,
+            "rescaled_kl": float(self.num_timesteps),
+        }[loss_type]
+
+    def _set_schedule(self, betas: np.ndarray) -> None:
+        self.betas = betas
+        self.num_timesteps = len(betas)
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+        self.log_betas = np.log(betas)
+        # q(x_{t-1} | x_t, x_0)
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # The posterior variance is 0 at t=0; borrow t=1's so its log stays finite.
+        self.posterior_log_variance_clipped = np.log(
+            np.append(self.posterior_variance[1], self.posterior_variance[1:])
+        )
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        )
+        # beta_t bounds the reverse variance from above; its first entry is the posterior's, as in the reference,
+        # so that the t=0 decoder is not as wide as beta_1 would make it.
+        self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
+
+    @property
+    def learns_sigma(self) -> bool:
+        """Whether the network outputs variance channels after the mean channels."""
+        return self.model_var_type in ("learned", "learned_range")
+
+    def respace(self, section_counts: str | int | Sequence[int] | None) -> GaussianDiffusion:
+        """The same process respaced over the ORIGINAL steps (not over this one's kept steps)."""
+        return GaussianDiffusion(**self._settings, timestep_respacing=section_counts)
+
+    def original_timesteps(self, t: Tensor) -> Tensor:
+        """
+        :param t: a LongTensor [N] of respaced indices.
+        :return: the original timestep indices [N] they stand for, on t's device.
+        """
+        return self._table("timestep_map", t.device)[t]
+
+    # --- schedule lookups -------------------------------------------------------------------------------------
+
+    def _table(self, name: str, device: torch.device) -> Tensor:
+        key = (name, device)
+        if key not in self._device_tables:
+            table = torch.as_tensor(getattr(self, name))
+            if device.type == "mps" and table.dtype == torch.float64:
+                table = table.float()  # MPS has no float64
+            self._device_tables[key] = table.to(device)
+        return self._device_tables[key]
+
+    def _coef(self, name: str, t: Tensor, x: Tensor) -> Tensor:
+        """Schedule array `name` at timesteps t [N], as an [N x 1 x ...] Tensor in x's dtype and device."""
+        values = self._table(name, x.device)[t.to(x.device)].to(x.dtype)
+        return values.view(-1, *([1] * (x.dim() - 1)))
+
+    # --- forward process --------------------------------------------------------------------------------------
+
+    def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
+        """
+        Sample x_t ~ q(x_t | x_0).
+
+        :param x_start: an [N x C x ...] Tensor of clean data.
+        :param t: a LongTensor [N] of (respaced) timesteps.
+        :param noise: optional standard normal noise, same shape as x_start.
+        :return: x_t, same shape as x_start.
+        """
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        return (
+            self._coef("sqrt_alphas_cumprod", t, x_start) * x_start
+            + self._coef("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
+        )
+
+    def q_posterior_mean_variance(
+        self, x_start: Tensor, x_t: Tensor, t: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """
+        The Gaussian posterior q(x_{t-1} | x_t, x_0).
+
+        :param x_start: an [N x C x ...] Tensor of x_0.
+        :param x_t: an [N x C x ...] Tensor of x_t.
+        :param t: a LongTensor [N] of timesteps.
+        :return: (mean, variance, log_variance), each [N x C x ...].
+        """
+        mean = (
+            self._coef("posterior_mean_coef1", t, x_t) * x_start
+            + self._coef("posterior_mean_coef2", t, x_t) * x_t
+        )
+        variance = self._coef("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self._coef("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        return mean, variance, log_variance
+
+    def v_from_xstart_eps(self, x_start: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The v-prediction target sqrt(alpha_bar) * eps - sqrt(1 - alpha_bar) * x_0, [N x C x ...]."""
+        return (
+            self._coef("sqrt_alphas_cumprod", t, x_start) * eps
+            - self._coef("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start
+        )
+
+    # --- reverse-process parameterisation ---------------------------------------------------------------------
+
+    def model_output(self, model: Model, x: Tensor, t: Tensor, model_kwargs: dict | None = None) -> Tensor:
+        """
+        Call the network at respaced timesteps t with the original timesteps it was trained on.
+
+        :param x: an [N x C x ...] Tensor.
+        :param t: a LongTensor [N] of respaced timesteps.
+        :return: the raw network output, [N x C x ...] or [N x 2C x ...] when the variance is learned.
+        """
+        model_t = self.original_timesteps(t)
+        if self.rescale_timesteps:
+            # Improved-DDPM models see t on a [0, 1000) scale whatever the number of steps.
+            model_t = model_t.float() * (1000.0 / self.original_num_steps)
+        return model(x, model_t, **(model_kwargs or {}))
+
+    def _split_output(self, model_output: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        channels = x.shape[1] * (2 if self.learns_sigma else 1)
+        if model_output.shape[:2] != (x.shape[0], channels):
+            raise ValueError(
+                f"model output has shape {tuple(model_output.shape)}; with model_var_type="
+                f"{self.model_var_type!r} it must be [{x.shape[0]} x {channels} x ...]"
+            )
+        if not self.learns_sigma:
+            return model_output, None
+        mean_out, var_out = model_output.split(x.shape[1], dim=1)
+        return mean_out, var_out
+
+    def _xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        return (
+            self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+            - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        )
+
+    def _eps_from_xstart(self, x_t: Tensor, t: Tensor, x_start: Tensor) -> Tensor:
+        return (self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x_start) / self._coef(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
+        )
+
+    def _from_epsilon(self, out: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return self._xstart_from_eps(x_t, t, out), out
+
+    def _from_xstart(self, out: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return out, self._eps_from_xstart(x_t, t, out)
+
+    def _from_v(self, out: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        sqrt_ab = self._coef("sqrt_alphas_cumprod", t, x_t)
+        sqrt_one_minus_ab = self._coef("sqrt_one_minus_alphas_cumprod", t, x_t)
+        return sqrt_ab * x_t - sqrt_one_minus_ab * out, sqrt_one_minus_ab * x_t + sqrt_ab * out
+
+    def predict_xstart_eps(
+        self,
+        model_output: Tensor,
+        x: Tensor,
+        t: Tensor,
+        clip_denoised: bool = False,
+        denoised_fn: Callable[[Tensor], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """
+        The x_0 and noise predictions implied by a network output, for any mean type.
+
+        :param model_output: the raw network output [N x C x ...] (variance channels, if any, are ignored).
+        :param x: the [N x C x ...] Tensor x_t the network saw.
+        :param t: a LongTensor [N] of respaced timesteps.
+        :param clip_denoised: clamp x_0 to [-1, 1].
+        :param denoised_fn: applied to x_0 before clipping.
+        :return: (pred_xstart, eps), each [N x C x ...]; when x_0 was processed, eps is recomputed from it.
+        """
+        mean_out, _ = self._split_output(model_output, x)
+        return self._xstart_eps(mean_out, x, t, clip_denoised, denoised_fn)
+
+    def _xstart_eps(
+        self, mean_out: Tensor, x: Tensor, t: Tensor, clip_denoised: bool, denoised_fn: Callable | None
+    ) -> tuple[Tensor, Tensor]:
+        pred_xstart, eps = self._xstart_eps_from_output(mean_out, x, t)
+        if denoised_fn is None and not clip_denoised:
+            return pred_xstart, eps
+        if denoised_fn is not None:
+            pred_xstart = denoised_fn(pred_xstart)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        # DDIM steps along eps: it must point from the processed x_0 to x_t, or the chain drifts off the data.
+        return pred_xstart, self._eps_from_xstart(x, t, pred_xstart)
+
+    def _model_variance(self, var_out: Tensor | None, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        if var_out is None:
+            variance_name, log_variance_name = _FIXED_VARIANCE_TABLES[self.model_var_type]
+            return (
+                self._coef(variance_name, t, x).expand_as(x),
+                self._coef(log_variance_name, t, x).expand_as(x),
+            )
+        if self.model_var_type == "learned":
+            return torch.exp(var_out), var_out
+        # learned_range: var_out in [-1, 1] interpolates the log-variance between the posterior's and beta_t.
+        frac = (var_out + 1) / 2
+        log_variance = frac * self._coef("log_betas", t, x) + (1 - frac) * self._coef(
+            "posterior_log_variance_clipped", t, x
+        )
+        return torch.exp(log_variance), log_variance
+
+    def p_mean_variance(
+        self,
+        model: Model,
+        x: Tensor,
+        t: Tensor,
+        clip_denoised: bool = True,
+        denoised_fn: Callable[[Tensor], Tensor] | None = None,
+        model_kwargs: dict | None = None,
+    ) -> dict[str, Tensor]:
+        """
+        The reverse step p(x_{t-1} | x_t) and the network's x_0 / noise predictions.
+
+        :param x: an [N x C x ...] Tensor x_t.
+        :param t: a LongTensor [N] of respaced timesteps.
+        :return: dict of [N x C x ...] Tensors: mean, variance, log_variance, pred_xstart, eps.
+        """
+        output = self.model_output(model, x, t, model_kwargs)
+        return self._p_mean_variance_from_output(output, x, t, clip_denoised, denoised_fn)
+
+    def _p_mean_variance_from_output(
+        self, output: Tensor, x: Tensor, t: Tensor, clip_denoised: bool, denoised_fn: Callable | None
+    ) -> dict[str, Tensor]:
+        mean_out, var_out = self._split_output(output, x)
+        variance, log_variance = self._model_variance(var_out, x, t)
+        pred_xstart, eps = self._xstart_eps(mean_out, x, t, clip_denoised, denoised_fn)
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        return {
+            "mean": mean,
+            "variance": variance,
+            "log_variance": log_variance,
+            "pred_xstart": pred_xstart,
+            "eps": eps,
+        }
+
+    # --- sampling ---------------------------------------------------------------------------------------------
+
+    def p_sample(
+        self,
+        model: Model,
+        x: Tensor,
+        t: Tensor,
+        clip_denoised: bool = True,
+        denoised_fn: Callable[[Tensor], Tensor] | None = None,
+        model_kwargs: dict | None = None,
+        noise: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """
+        One ancestral step x_t -> x_{t-1}; no noise is added where t == 0.
+
+        :param x: an [N x C x ...] Tensor x_t.
+        :param t: a LongTensor [N] of respaced timesteps.
+        :param noise: optional standard normal noise like x.
+        :return: dict with "sample" (x_{t-1}) and "pred_xstart", each [N x C x ...].
+        """
+        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        if noise is None:
+            noise = torch.randn_like(x)
+        sample = out["mean"] + _nonzero_mask(t, x) * torch.exp(0.5 * out["log_variance"]) * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_sample(
+        self,
+        model: Model,
+        x: Tensor,
+        t: Tensor,
+        eta: float = 0.0,
+        clip_denoised: bool = True,
+        denoised_fn: Callable[[Tensor], Tensor] | None = None,
+        model_kwargs: dict | None = None,
+        noise: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """
+        One DDIM step x_t -> x_{t-1} (Song et al. eq. 12); eta=0 is deterministic, eta=1 matches DDPM's variance.
+
+        :param x: an [N x C x ...] Tensor x_t.
+        :param t: a LongTensor [N] of respaced timesteps.
+        :param noise: optional standard normal noise like x (drawn only when eta > 0).
+        :return: dict with "sample" (x_{t-1}) and "pred_xstart", each [N x C x ...].
+        """
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        alpha_bar = self._coef("alphas_cumprod", t, x)
+        alpha_bar_prev = self._coef("alphas_cumprod_prev", t, x)
+        sigma = (
+            eta
+            * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+            * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        )
+        sample = (
+            out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
+            + torch.sqrt(1 - alpha_bar_prev - sigma**2) * out["eps"]
+        )
+        if eta > 0:
+            if noise is None:
+                noise = torch.randn_like(x)
+            sample = sample + _nonzero_mask(t, x) * sigma * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_reverse_sample(
+        self,
+        model: Model,
+        x: Tensor,
+        t: Tensor,
+        clip_denoised: bool = True,
+        denoised_fn: Callable[[Tensor], Tensor] | None = None,
+        model_kwargs: dict | None = None,
+    ) -> dict[str, Tensor]:
+        """
+        One deterministic DDIM inversion step x_t -> x_{t+1} (encoding an image into the noise it decodes from).
+
+        :param x: an [N x C x ...] Tensor x_t.
+        :param t: a LongTensor [N] of respaced timesteps.
+        :return: dict with "sample" (x_{t+1}) and "pred_xstart", each [N x C x ...].
+        """
+        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        alpha_bar_next = self._coef("alphas_cumprod_next", t, x)
+        sample = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * out["eps"]
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def p_sample_loop(
+        self,
+        model: Model,
+        shape: Sequence[int],
+        x_T: Tensor | None = None,
+        noises: Sequence[Tensor] | Tensor | None = None,
+        clip_denoised: bool = True,
+        model_kwargs: dict | None = None,
+        progress: bool = False,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """
+        Ancestral sampling through every (respaced) step, from t = T-1 down to 0.
+
+        :param shape: the sample shape [N x C x ...].
+        :param x_T: optional starting noise of that shape (else drawn).
+        :param noises: optional per-step noise, noises[i] for the i-th step from the noisiest (T entries).
+        :param generator: draws x_T and the step noises when they are not given.
+        :param device: where to sample; default x_T's device, else the model's parameters', else CPU.
+        :return: an [N x C x ...] Tensor of samples.
+        """
+        step = functools.partial(self.p_sample, model, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        return self._sample_loop(
+            step, model, shape, x_T, noises, progress, generator, device, draws_noise=True
+        )
+
+    def ddim_sample_loop(
+        self,
+        model: Model,
+        shape: Sequence[int],
+        x_T: Tensor | None = None,
+        eta: float = 0.0,
+        noises: Sequence[Tensor] | Tensor | None = None,
+        clip_denoised: bool = True,
+        model_kwargs: dict | None = None,
+        progress: bool = False,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """
+        DDIM sampling through every (respaced) step; arguments as :meth:`p_sample_loop`, plus eta.
+
+        :return: an [N x C x ...] Tensor of samples.
+        """
+        step = functools.partial(
+            self.ddim_sample, model, eta=eta, clip_denoised=clip_denoised, model_kwargs=model_kwargs
+        )
+        return self._sample_loop(
+            step, model, shape, x_T, noises, progress, generator, device, draws_noise=eta > 0
+        )
+
+    def _sample_loop(
+        self,
+        step: Callable[..., dict[str, Tensor]],
+        model: Model,
+        shape: Sequence[int],
+        x_T: Tensor | None,
+        noises: Sequence[Tensor] | Tensor | None,
+        progress: bool,
+        generator: torch.Generator | None,
+        device: torch.device | str | None,
+        draws_noise: bool,
+    ) -> Tensor:
+        shape = tuple(shape)
+        if x_T is not None and tuple(x_T.shape) != shape:
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={shape}")
+        if noises is not None and len(noises) < self.num_timesteps:
+            raise ValueError(f"noises holds {len(noises)} entries; the loop takes {self.num_timesteps} steps")
+        device = torch.device(device) if device is not None else _default_device(model, x_T)
+        x = x_T.to(device) if x_T is not None else _randn(shape, generator, device)
+        for i, index in enumerate(tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress)):
+            t = torch.full((shape[0],), index, dtype=torch.long, device=device)
+            if noises is not None:
+                noise = noises[i].to(device)
+            else:
+                noise = _randn(shape, generator, device) if draws_noise else None
+            with torch.no_grad():
+                x = step(x=x, t=t, noise=noise)["sample"]
+        return x
+
+    # --- losses and the variational bound ---------------------------------------------------------------------
+
+    def _vb_terms_bpd(
+        self, output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The bound's term at t in bits/dim, [N]: KL to the true posterior, or the decoder NLL where t == 0."""
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
+        out = self._p_mean_variance_from_output(output, x_t, t, clip_denoised, None)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(
+            2.0
+        )
+        decoder_nll = -mean_flat(
+            discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
+        ) / math.log(2.0)
+        return torch.where(t == 0, decoder_nll, kl), out
+
+    def training_losses(
+        self,
+        model: Model,
+        x_start: Tensor,
+        t: Tensor,
+        model_kwargs: dict | None = None,
+        noise: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """
+        Per-example training losses at timesteps t.
+
+        :param x_start: an [N x C x ...] Tensor of clean data in [-1, 1].
+        :param t: a LongTensor [N] of respaced timesteps.
+        :param noise: optional standard normal noise like x_start.
+        :return: dict of [N] Tensors: "loss" always; "mse" for the MSE losses; "vb" where the MSE loss also
+            learns the variance through the bound (hybrid loss, loss = mse + vb).
+        """
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_t = self.q_sample(x_start, t, noise)
+        output = self.model_output(model, x_t, t, model_kwargs)
+        if self.loss_type in ("kl", "rescaled_kl"):
+            vb, _ = self._vb_terms_bpd(output, x_start, x_t, t, clip_denoised=False)
+            return {"loss": vb * self._vb_scale}
+        mean_out, var_out = self._split_output(output, x_t)
+        terms = {"mse": mean_flat((self._mse_target(x_start, noise, t) - mean_out) ** 2)}
+        if var_out is not None:
+            # The bound trains only the variance: the mean is detached so the MSE alone shapes it.
+            frozen = torch.cat([mean_out.detach(), var_out], dim=1)
+            vb, _ = self._vb_terms_bpd(frozen, x_start, x_t, t, clip_denoised=False)
+            terms["vb"] = vb * self._vb_scale
+        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        return terms
+
+    def _mse_target(self, x_start: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        if self.model_mean_type == "epsilon":
+            return noise
+        if self.model_mean_type == "x0":
+            return x_start
+        return self.v_from_xstart_eps(x_start, noise, t)
+
+    def _prior_bpd(self, x_start: Tensor) -> Tensor:
+        """KL(q(x_T | x_0) || N(0, I)) in bits/dim, [N]: the bound's term that no network can change."""
+        t = torch.full((x_start.shape[0],), self.num_timesteps - 1, dtype=torch.long, device=x_start.device)
+        mean = self._coef("sqrt_alphas_cumprod", t, x_start) * x_start
+        log_variance = self._coef("log_one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
+        zeros = torch.zeros_like(x_start)
+        return mean_flat(normal_kl(mean, log_variance, zeros, zeros)) / math.log(2.0)
+
+    def calc_bpd_loop(
+        self,
+        model: Model,
+        x_start: Tensor,
+        clip_denoised: bool = True,
+        model_kwargs: dict | None = None,
+        noises: Sequence[Tensor] | Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """
+        The full variational bound in bits/dim, evaluating every timestep from T-1 down to 0.
+
+        :param x_start: an [N x C x ...] Tensor of data in [-1, 1].
+        :param noises: optional noise per evaluated timestep, noises[i] for t = T-1-i (T entries).
+        :return: dict with "total_bpd" and "prior_bpd" [N]; "vb", "xstart_mse" and "mse" (of the noise
+            prediction) [N x T], column i for t = T-1-i.
+        """
+        if noises is not None and len(noises) < self.num_timesteps:
+            raise ValueError(f"noises holds {len(noises)} entries; the bound needs {self.num_timesteps}")
+        vb, xstart_mse, mse = [], [], []
+        for i, index in enumerate(range(self.num_timesteps - 1, -1, -1)):
+            t = torch.full((x_start.shape[0],), index, dtype=torch.long, device=x_start.device)
+            if noises is not None:
+                noise = noises[i].to(x_start.device)
+            else:
+                noise = _randn(tuple(x_start.shape), generator, x_start.device).to(x_start.dtype)
+            x_t = self.q_sample(x_start, t, noise)
+            with torch.no_grad():
+                output = self.model_output(model, x_t, t, model_kwargs)
+                bits, out = self._vb_terms_bpd(output, x_start, x_t, t, clip_denoised)
+            vb.append(bits)
+            xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
+            mse.append(mean_flat((out["eps"] - noise) ** 2))
+        vb_table = torch.stack(vb, dim=1)
+        prior_bpd = self._prior_bpd(x_start)
+        return {
+            "total_bpd": vb_table.sum(dim=1) + prior_bpd,
+            "prior_bpd": prior_bpd,
+            "vb": vb_table,
+            "xstart_mse": torch.stack(xstart_mse, dim=1),
+            "mse": torch.stack(mse, dim=1),
+        }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _nonzero_mask(t: Tensor, x: Tensor) -> Tensor:
+    """[N x 1 x ...] mask, 0 where t == 0: the last reverse step returns the mean."""
+    return (t != 0).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    # Draw on the generator's own device so that a seed gives the same numbers wherever the sample lives.
+    draw_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=draw_device).to(device)
+
+
+def _default_device(model: Model, x_T: Tensor | None) -> torch.device:
+    if x_T is not None:
+        return x_T.device
+    parameters = getattr(model, "parameters", None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _is_respaced(timestep_respacing: object) -> bool:
+    return not (
+        timestep_respacing is None or (isinstance(timestep_respacing, str) and not timestep_respacing)
+    )
+
+
+def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
