@@ -102,6 +102,7 @@ def test_report_from_a_samples_file(classifier, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["predicted_counts"] == report["predicted_counts"]
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and scikit-learn: several seconds on 2 cores
 def test_command_line_entry_point(classifier, tmp_path):
     images, labels = _render(classifier.held_out[:50], 32, 1)
     path = tmp_path / "samples.npz"
