@@ -479,3 +479,11 @@ def test_bad_sampling_arguments_raise_value_error(spaced):
         spaced.p_sample_loop(stand_in(True), x.shape, noises=torch.zeros(3, 1, 3, 8, 8))
     with pytest.raises(ValueError, match="x_T has shape"):
         spaced.ddim_sample_loop(stand_in(True), (2, 3, 8, 8), x_T=x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_ddim_loop_on_gpu_matches_reference(spaced):
+    ref = REF["spaced"]["ddim_loop_eta0"]
+    sample = spaced.ddim_sample_loop(stand_in(True), ref["x_T"].shape, x_T=ref["x_T"].cuda())
+    assert sample.device.type == "cuda"
+    assert rel_err(sample.cpu(), ref["sample"]) <= TOL
