@@ -204,7 +204,7 @@ class AttentionBlock(nn.Module):
     :param num_heads: number of heads, used when num_head_channels is -1.
     :param num_head_channels: a fixed width per head; overrides num_heads when not -1.
     :param use_new_attention_order: qkv channels laid out [3 x heads x d] (QKVAttention) instead of the
-        legacy [heads x 3 x d] (QKVAttentionLegacy), the layout the released checkpoints were trained in.
+        legacy [heads x 3 x d] (QKVAttentionLegacy); of the released models only 64x64 uses the new one.
     :param use_checkpoint: recompute the block in the backward pass.
     :param use_sdpa: use F.scaled_dot_product_attention; False runs the plain formula (for testing).
     """
