@@ -112,7 +112,7 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu")
             f"refusing to load {path}: it contains Python objects other than tensors and plain values, which "
             f"could run code when unpickled (weights_only=True rejected it: {str(e).splitlines()[0]})"
         ) from e
-    except (RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # torch raises many types for a file that is not a checkpoint
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint or a state dict")

@@ -149,11 +149,13 @@ class WandbLoggerConfig:
     mode: str = "offline"  # online | offline | disabled
     tags: list[str] = field(default_factory=list)
     notes: str | None = None
+    init_timeout: float = 60.0  # seconds before an unreachable server makes the run fall back to offline
 
 
 @dataclass
 class JsonlLoggerConfig:
     _target_: str = "diffusion.loggers.JsonlLogger"
+    filename: str = "metrics.jsonl"
 
 
 @dataclass

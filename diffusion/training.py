@@ -67,6 +67,42 @@ def build_model(cfg: DictConfig, dataset, diffusion) -> tuple[torch.nn.Module, d
     return instantiate(model_config), model_config
 
 
+def validate_config(cfg: DictConfig) -> None:
+    """Reject values that types alone cannot catch, before any work; each message names the key."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise TrainingError(
+            f"missing required value {missing[0]}: set it on the command line, e.g. {missing[0]}=..."
+        )
+    checks = [
+        (cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr}: must be > 0"),
+        (cfg.data.batch_size > 0, f"data.batch_size={cfg.data.batch_size}: must be > 0"),
+        (
+            cfg.data.microbatch >= 0,
+            f"data.microbatch={cfg.data.microbatch}: must be >= 0 (0 = no micro-batching)",
+        ),
+        (cfg.max_steps >= 0, f"max_steps={cfg.max_steps}: must be >= 0 (0 = until optim.lr_anneal_steps)"),
+        (cfg.optim.lr_anneal_steps >= 0, f"optim.lr_anneal_steps={cfg.optim.lr_anneal_steps}: must be >= 0"),
+        (cfg.optim.warmup_steps >= 0, f"optim.warmup_steps={cfg.optim.warmup_steps}: must be >= 0"),
+        (cfg.log_every > 0, f"log_every={cfg.log_every}: must be > 0"),
+        (cfg.save_every >= 0, f"save_every={cfg.save_every}: must be >= 0 (0 = only at the end)"),
+        (cfg.sample_every >= 0, f"sample_every={cfg.sample_every}: must be >= 0 (0 = only at the end)"),
+        (cfg.keep_last >= 1, f"keep_last={cfg.keep_last}: must be >= 1"),
+        (len(cfg.optim.ema_rates) > 0, "optim.ema_rates is empty: give at least one rate, e.g. [0.9999]"),
+        (
+            cfg.optim.max_nonfinite_steps > 0,
+            f"optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps}: must be > 0",
+        ),
+    ]
+    checks += [
+        (0 < r < 1, f"optim.ema_rates contains {r}: every rate must be in (0, 1)")
+        for r in cfg.optim.ema_rates
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TrainingError(message)
+
+
 def lr_lambda(warmup_steps: int, anneal_steps: int):
     """Multiplier of the base lr at a step: linear warm-up, then constant or linear decay to 0 (the reference)."""
 
@@ -116,7 +152,8 @@ def find_resume(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
 
 
 def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str | None) -> dict:
-    # Validation that needs no work: batch arithmetic and the output directory.
+    # Validation that needs no work: values, batch arithmetic and the output directory.
+    validate_config(cfg)
     per_rank = cfg.data.batch_size // env.world_size
     micro = cfg.data.microbatch if cfg.data.microbatch > 0 else per_rank
     if cfg.data.batch_size % env.world_size or per_rank % micro:
@@ -221,7 +258,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
     exit_code = 1
     try:
         # The loop: one optimizer step over the global batch per iteration; metrics stay on the device.
-        tracker = LossTracker(diffusion.original_num_steps, device)
+        tracker = LossTracker(diffusion.original_num_steps, device, prefix="")
         skipped = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps so far
         run_nonfinite = torch.zeros(
             (), dtype=torch.long, device=device
@@ -256,17 +293,27 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if hw.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            # Timesteps and noise are drawn for the whole global batch from a generator keyed by (seed, step);
+            # rank r's k-th example is the global batch's example r + k * world_size (the loader's sharding).
+            # So a run's randomness does not depend on the number of ranks or micro-batches, and needs no state.
+            g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+            t_all, w_all = sampler.sample(cfg.data.batch_size, device, generator=g)
+            noise_all = torch.randn((cfg.data.batch_size, *x.shape[1:]), generator=g, device=device)
+            mine = slice(env.rank, None, env.world_size)
+            t_mine, w_mine, noise_mine = t_all[mine], w_all[mine], noise_all[mine]
             optimizer.zero_grad(set_to_none=True)
             for i in range(n_micro):
-                mx, my = x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro]
-                t, weights = sampler.sample(mx.shape[0], device)
-                kwargs = {"y": my} if model.num_classes else {}
+                part = slice(i * micro, (i + 1) * micro)
+                t = t_mine[part]
+                kwargs = {"y": y[part]} if model.num_classes else {}
                 # DDP all-reduces gradients on the last micro-batch only.
                 last = i == n_micro - 1
                 with contextlib.nullcontext() if last or not env.distributed else ddp_model.no_sync():
                     with hw.autocast():
-                        terms = diffusion.training_losses(train_model, mx, t, model_kwargs=kwargs)
-                    loss = (terms["loss"] * weights).mean() / n_micro
+                        terms = diffusion.training_losses(
+                            train_model, x[part], t, model_kwargs=kwargs, noise=noise_mine[part]
+                        )
+                    loss = (terms["loss"] * w_mine[part]).mean() / n_micro
                     scaler.scale(loss).backward()
                 sampler.update_with_losses(t, terms["loss"].detach())
                 tracker.add({k: v.detach() for k, v in terms.items()}, diffusion.original_timesteps(t))

@@ -1,0 +1,206 @@
+"""The training engine in-process: run directory, metrics, exact resume, micro-batching, numerics, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from conftest import assert_state_equal, load_ckpt, tiny_cfg
+
+from diffusion import training
+from diffusion.gaussian_diffusion import GaussianDiffusion
+from diffusion.training import TrainingError, lr_lambda, train, update_ema
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_training_writes_run_directory(tmp_path):
+    metrics = train(tiny_cfg("max_steps=3", "save_every=2"), tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    assert os.readlink(ckpts / "latest.pt") == "step_00000003.pt"
+    assert sorted(p.name for p in ckpts.glob("step_*.pt")) == ["step_00000002.pt", "step_00000003.pt"]
+    state = load_ckpt(ckpts / "latest.pt")
+    assert state["step"] == 3 and state["format_version"] == 1
+    assert set(state) >= {
+        "model",
+        "ema",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "sampler",
+        "data",
+        "rng",
+        "config",
+        "model_config",
+        "wandb_run_id",
+        "class_names",
+    }
+    assert state["data"] == {"epoch": 0, "batch": 3}
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "samples/step_00000003.png").exists()
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+    last = [r for r in rows if "train/loss" in r][-1]
+    assert last["train/images_seen"] == 24 and last["train/skipped_steps"] == 0
+    assert math.isclose(last["train/loss"], metrics["loss"], rel_tol=1e-6)
+    assert {"train/mse", "train/vb", "train/lr", "train/grad_norm", "train/images_per_s"} <= set(last)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["uniform", "loss_second_moment"])
+def test_resume_is_exact(tmp_path, sampler):
+    """2N steps in one go == N steps, stop, resume for N: bit-identical model, EMA, optimizer, sampler."""
+    over = [
+        f"sampler={sampler}",
+        "diffusion.noise_schedule=cosine",
+        "diffusion.steps=8",
+        "model.dropout=0.1",
+        "model.label_dropout=0.2",
+        "optim.ema_rates=[0.9,0.99]",
+    ]
+    train(tiny_cfg(*over, "max_steps=16"), tmp_path / "straight")
+    train(tiny_cfg(*over, "max_steps=8"), tmp_path / "resumed")
+    train(tiny_cfg(*over, "max_steps=16"), tmp_path / "resumed")  # resume=auto finds step 8
+    a = load_ckpt(tmp_path / "straight/checkpoints/latest.pt")
+    b = load_ckpt(tmp_path / "resumed/checkpoints/latest.pt")
+    for key in ("model", "ema", "optimizer", "scheduler", "scaler", "sampler", "data", "rng", "step"):
+        assert_state_equal(a[key], b[key], key)
+    if (
+        sampler == "loss_second_moment"
+    ):  # 8 timesteps x 10 losses fill within the run: importance phase reached
+        assert bool(b["sampler"]["loss_counts"].min() == 10)
+    assert not torch.equal(a["ema"]["0.9"]["out.2.weight"], a["model"]["out.2.weight"])
+
+
+def test_ema_warmup_and_rates():
+    model = torch.nn.Linear(2, 2)
+    ema = {0.9999: torch.nn.Linear(2, 2), 0.5: torch.nn.Linear(2, 2)}
+    for e in ema.values():
+        e.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    update_ema(ema, model, step=0, warmup=True)  # decay = min(rate, 1/10)
+    assert torch.allclose(ema[0.9999].weight, torch.full((2, 2), 0.9))
+    assert torch.allclose(ema[0.5].weight, torch.full((2, 2), 0.5))
+    update_ema(ema, model, step=10**6, warmup=False)
+    assert torch.allclose(ema[0.9999].weight, torch.full((2, 2), 0.9 + 0.1 * 1e-4))
+
+
+def test_lr_schedule_warmup_then_linear_anneal(tmp_path):
+    f = lr_lambda(warmup_steps=4, anneal_steps=10)
+    assert [round(f(s), 4) for s in (0, 1, 3, 5, 9, 10)] == [0.25, 0.5, 1.0, 0.5, 0.1, 0.0]
+    train(tiny_cfg("optim.lr_anneal_steps=3", "optim.lr=1e-3"), tmp_path)  # training ends at the anneal
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/lr" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [round(r["train/lr"], 8) for r in rows] == [round(1e-3 * (1 - s / 3), 8) for s in (1, 2, 3)]
+
+
+def test_microbatches_give_the_full_batch_gradient(tmp_path):
+    """With SGD the first update is -lr * grad, so equal updates mean equal gradients."""
+    sgd = [
+        "optim.optimizer._target_=torch.optim.SGD",
+        "hardware.fused_optimizer=false",
+        "max_steps=1",
+        "optim.lr=1.0",
+    ]
+    train(tiny_cfg(*sgd), tmp_path / "full")
+    train(tiny_cfg(*sgd, "data.microbatch=2"), tmp_path / "micro")
+    a = load_ckpt(tmp_path / "full/checkpoints/latest.pt")["model"]
+    b = load_ckpt(tmp_path / "micro/checkpoints/latest.pt")["model"]
+    init = load_ckpt(tmp_path / "full/checkpoints/latest.pt")  # same init weights in both (same seed)
+    del init
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    """Two NaN losses: both steps skipped and counted, parameters and EMA stay finite, training goes on."""
+    original = GaussianDiffusion.training_losses
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        terms = original(self, *args, **kwargs)
+        if calls["n"] in (2, 3):
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", flaky)
+    train(tiny_cfg("max_steps=5", "log_every=5"), tmp_path)
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/skipped_steps" in r]
+    assert rows[-1]["train/skipped_steps"] == 2
+    state = load_ckpt(tmp_path / "checkpoints/latest.pt")
+    for sd in (state["model"], *state["ema"].values()):
+        assert all(torch.isfinite(v).all() for v in sd.values())
+
+
+def test_a_run_of_nonfinite_steps_stops_with_the_step(tmp_path, monkeypatch):
+    original = GaussianDiffusion.training_losses
+
+    def broken(self, *args, **kwargs):
+        terms = original(self, *args, **kwargs)
+        terms["loss"] = terms["loss"] * float("inf")
+        return terms
+
+    train(tiny_cfg("max_steps=2", "save_every=2"), tmp_path)  # a good checkpoint at step 2
+    before = load_ckpt(tmp_path / "checkpoints/latest.pt")
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", broken)
+    with pytest.raises(TrainingError, match=r"3 consecutive steps with non-finite gradients, up to step 5"):
+        train(tiny_cfg("max_steps=10", "optim.max_nonfinite_steps=3", "log_every=3"), tmp_path)
+    after = load_ckpt(tmp_path / "checkpoints/latest.pt")
+    assert_state_equal(before["model"], after["model"])
+    assert after["step"] == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.microbatch=3"], "data.batch_size=8 must be divisible"),
+        (["optim.lr=0"], "optim.lr=0.0: must be > 0"),
+        (["optim.lr=-1e-4"], "optim.lr=-0.0001: must be > 0"),
+        (["data.batch_size=0"], "data.batch_size=0: must be > 0"),
+        (["max_steps=-1"], "max_steps=-1: must be >= 0"),
+        (["optim.ema_rates=[1.5]"], r"optim.ema_rates contains 1.5: every rate must be in \(0, 1\)"),
+        (["optim.ema_rates=[0]"], r"every rate must be in \(0, 1\)"),
+        (["data.image_size=16"], "model.image_size=8 but data.image_size=16"),
+        (["resume=/nonexistent/ckpt.pt"], "resume=/nonexistent/ckpt.pt: no such file"),
+        (["model.class_cond=true", "data=image_folder", "data.labels=none"], None),
+    ],
+)
+def test_bad_config_is_rejected_before_work(tmp_path, overrides, message):
+    if message is None:  # data.dir missing is reported as a missing value
+        with pytest.raises(TrainingError, match="missing required value data.dir"):
+            train(tiny_cfg(*overrides), tmp_path)
+        return
+    with pytest.raises((TrainingError, Exception), match=message):
+        train(tiny_cfg(*overrides, "max_steps=1"), tmp_path)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_unwritable_run_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(TrainingError, match="cannot write to the run directory"):
+        train(tiny_cfg("max_steps=1"), blocker / "run")
+
+
+def test_resume_from_an_incompatible_model_names_the_keys(tmp_path):
+    train(tiny_cfg("max_steps=1"), tmp_path)
+    with pytest.raises(Exception, match=r"shapes differ, e.g. .*input_blocks.0.0.weight: model \(48"):
+        train(tiny_cfg("max_steps=2", "model.num_channels=48"), tmp_path)
+
+
+def test_build_model_takes_runtime_values_from_data_and_diffusion(tmp_path):
+    cfg = tiny_cfg("diffusion=ddpm")
+    from hydra.utils import instantiate
+
+    from diffusion.data import Digits
+
+    model, model_config = training.build_model(cfg, Digits(image_size=8), instantiate(cfg.diffusion))
+    assert (
+        model.out_channels == 1 and model_config["learn_sigma"] is False and model_config["num_classes"] == 10
+    )
