@@ -49,6 +49,14 @@ install_packages() {
   command -v apt-get >/dev/null || die "SLURM is not installed and apt-get is unavailable; install ${PACKAGES[*]}"
   log "installing ${PACKAGES[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # Keep the packages' init scripts from starting daemons before slurm.conf exists (a failed start would
+  # fail the install); this script starts them itself.
+  local policy=/usr/sbin/policy-rc.d
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod +x "$policy"
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
 }
@@ -66,8 +74,9 @@ ensure_munge_key() {
 # slurm.conf for THIS host: `slurmd -C` reports the real CPU layout and memory, so the node never drains
 # for claiming more than it has. Memory is consumable (CR_Core_Memory) so mem_gb requests are scheduled.
 render_slurm_conf() {
-  local node_line cpus mem
+  local node_line hardware cpus mem
   node_line=$(slurmd -C | head -n1)
+  hardware=${node_line#NodeName=* }
   cpus=$(sed -n 's/.* CPUs=\([0-9]*\).*/\1/p' <<<"$node_line")
   mem=$(sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p' <<<"$node_line")
   [[ -n $cpus && -n $mem ]] || die "could not parse 'slurmd -C' output: $node_line"
@@ -106,7 +115,7 @@ ReturnToService=2
 KillWait=5
 MinJobAge=60
 SlurmdTimeout=30
-${node_line/NodeName=$HOST/NodeName=$HOST NodeAddr=127.0.0.1} State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 $hardware State=UNKNOWN
 PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
 }
