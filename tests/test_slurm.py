@@ -129,20 +129,18 @@ def launcher_cfg(*overrides: str):
         return compose("train", overrides=list(overrides), return_hydra_config=True).hydra.launcher
 
 
-def test_slurm_launcher_config_runs_one_task_per_gpu():
-    launcher = launcher_cfg(
-        "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4", "hydra.sweep.dir=/sweeps/a"
+@pytest.mark.parametrize(
+    ("launcher", "plugin_class"), [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")]
+)
+def test_launcher_config_runs_one_task_per_gpu(launcher, plugin_class):
+    cfg = launcher_cfg(
+        f"hydra/launcher={launcher}", "hydra.launcher.gpus_per_node=4", "hydra.sweep.dir=/sweeps/a"
     )
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert (launcher.gpus_per_node, launcher.tasks_per_node) == (4, 4)
-    assert launcher.submitit_folder == "/sweeps/a/.submitit/%j"
-    assert launcher.signal_delay_s > 0 and launcher.max_num_timeout > 0  # checkpoint-and-requeue is on
+    assert cfg._target_ == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{plugin_class}"
+    assert (cfg.gpus_per_node, cfg.tasks_per_node) == (4, 4)
+    assert cfg.submitit_folder == "/sweeps/a/.submitit/%j"
 
 
-def test_local_launcher_config_matches_slurm_layout():
-    launcher = launcher_cfg(
-        "hydra/launcher=local", "hydra.launcher.gpus_per_node=2", "hydra.sweep.dir=/sweeps/b"
-    )
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
-    assert (launcher.gpus_per_node, launcher.tasks_per_node) == (2, 2)
-    assert launcher.submitit_folder == "/sweeps/b/.submitit/%j"
+def test_slurm_launcher_config_requeues_with_a_warning_signal():
+    cfg = launcher_cfg("hydra/launcher=slurm")
+    assert cfg.signal_delay_s > 0 and cfg.max_num_timeout > 0
