@@ -5,78 +5,123 @@ Every solver is a small class built from the ``solver`` config group and called 
     solver(model, diffusion, x_T, model_kwargs=None, noise=None, progress=False) -> x_0
 
 ``diffusion`` is the process the model was trained with (any number of steps); each solver respaces it for its own
-step count, and the respaced process calls the network with the original timestep indices. ``noise(i)`` returns
-the fresh Gaussian noise a stochastic solver needs at its i-th step.
+step count, and the respaced process calls the network with the original timestep indices. ``noise(k)`` returns
+the fresh Gaussian noise a stochastic solver needs at its k-th step; it is called once per step, in order.
+
+The network may predict epsilon, x0 or v (the process converts); learned-variance channels are used by the
+ancestral solver and ignored by the deterministic ones.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffusion.gaussian_diffusion import GaussianDiffusion
+from diffusion.gaussian_diffusion import GaussianDiffusion, space_timesteps
 
-NoiseFn = Callable[[int], torch.Tensor]
-
-
-def _steps_iter(n: int, progress: bool, desc: str):
-    steps = range(n - 1, -1, -1)
-    return tqdm(steps, desc=desc, leave=False) if progress else steps
+NoiseFn = Callable[[int], Tensor]
 
 
 class Solver:
-    """Shared by the solvers: the step count and how the training process is respaced for it."""
+    """What the solvers share: the step count, how the training process is respaced for it, the step loop.
 
-    section = "{}"  # the respacing string for ``steps``
+    :param steps: number of network evaluations (reverse steps).
+    :param clip_denoised: clamp the predicted x_0 to [-1, 1] at every step, as the reference does.
+    """
+
+    # How the kept timesteps are chosen: guided-diffusion's respacing string for ``steps`` (see space_timesteps).
+    spacing = "{}"
 
     def __init__(self, steps: int, clip_denoised: bool = True) -> None:
-        if steps < 1:
-            raise ValueError(f"solver.steps={steps}: must be >= 1")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise ValueError(f"solver.steps={steps!r}: must be an integer >= 2")
         self.steps = steps
         self.clip_denoised = clip_denoised
 
     def respaced(self, diffusion: GaussianDiffusion) -> GaussianDiffusion:
-        return diffusion.respace(self.section.format(self.steps))
+        """``diffusion`` respaced to ``steps``; ValueError naming solver.steps when the spacing cannot meet it."""
+        try:
+            return diffusion.respace(self.spacing.format(self.steps))
+        except ValueError as e:
+            raise ValueError(
+                f"solver.steps={self.steps} cannot be met on the model's {diffusion.original_num_steps}-step "
+                f"process: {e}. {self._feasible_hint(diffusion.original_num_steps)}"
+            ) from None
+
+    def _feasible_hint(self, num_timesteps: int) -> str:
+        return f"Use at most {num_timesteps} steps."
 
     def check(self, diffusion: GaussianDiffusion) -> None:
         """Raise ValueError now if ``steps`` cannot be met on ``diffusion`` (before any sampling work)."""
         self.respaced(diffusion)
 
+    @staticmethod
+    def _timesteps(indices: Sequence[int], x: Tensor, progress: bool, desc: str) -> Iterator[Tensor]:
+        """Each of ``indices`` (noisiest first) as a LongTensor [N] on x's device, with an optional progress bar."""
+        for i in tqdm(indices, desc=desc, leave=False, disable=not progress):
+            yield torch.full((x.shape[0],), int(i), device=x.device, dtype=torch.long)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(steps={self.steps}, clip_denoised={self.clip_denoised})"
+
+
+def _descending(process: GaussianDiffusion) -> range:
+    return range(process.num_timesteps - 1, -1, -1)
+
+
+def _draw(noise: NoiseFn | None, k: int, x: Tensor) -> Tensor:
+    return noise(k) if noise is not None else torch.randn_like(x)
+
 
 class DDPM(Solver):
-    """Ancestral sampling (the reference's p_sample_loop) on the process respaced to ``steps``."""
+    """Ancestral sampling (the reference's p_sample_loop) on the process respaced to ``steps`` evenly spaced
+    timesteps, the first and the last included; uses the learned variance when the model has one."""
 
     def __init__(self, steps: int = 250, clip_denoised: bool = True) -> None:
         super().__init__(steps, clip_denoised)
 
     def __call__(
         self,
-        model,
+        model: Callable[..., Tensor],
         diffusion: GaussianDiffusion,
-        x_T,
-        model_kwargs=None,
+        x_T: Tensor,
+        model_kwargs: dict | None = None,
         noise: NoiseFn | None = None,
         progress: bool = False,
-    ) -> torch.Tensor:
+    ) -> Tensor:
+        """
+        :param x_T: an [N x C x H x W] Tensor of standard normal noise.
+        :return: an [N x C x H x W] Tensor of samples.
+        """
         process = self.respaced(diffusion)
         x = x_T
-        for k, i in enumerate(_steps_iter(process.num_timesteps, progress, "ddpm")):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            z = noise(k) if noise is not None else torch.randn_like(x)
-            x = process.p_sample(
-                model, x, t, clip_denoised=self.clip_denoised, model_kwargs=model_kwargs, noise=z
-            )["sample"]
+        for k, t in enumerate(self._timesteps(_descending(process), x, progress, "ddpm")):
+            out = process.p_sample(
+                model,
+                x,
+                t,
+                clip_denoised=self.clip_denoised,
+                model_kwargs=model_kwargs,
+                noise=_draw(noise, k, x),
+            )
+            x = out["sample"]
         return x
 
 
 class DDIM(Solver):
-    """DDIM (Song et al. 2021) with ``steps`` evenly spaced steps; ``eta=0`` is deterministic."""
+    """DDIM (Song et al. 2021); ``eta=0`` is deterministic, ``eta=1`` has DDPM's variance.
 
-    section = "ddim{}"
+    The timesteps are DDIM's: every s-th original step from 0, for the integer stride s that gives exactly
+    ``steps`` of them (guided-diffusion's "ddimN" respacing), so not every count is possible.
+    """
+
+    spacing = "ddim{}"
 
     def __init__(self, steps: int = 50, eta: float = 0.0, clip_denoised: bool = True) -> None:
         if eta < 0:
@@ -84,32 +129,42 @@ class DDIM(Solver):
         super().__init__(steps, clip_denoised)
         self.eta = eta
 
+    def _feasible_hint(self, num_timesteps: int) -> str:
+        counts = sorted({len(range(0, num_timesteps, s)) for s in range(1, num_timesteps)})
+        below = [c for c in counts if c < self.steps][-1:]
+        above = [c for c in counts if c > self.steps][:1]
+        return f"Nearest counts that work: {' or '.join(map(str, below + above))}."
+
     def __call__(
         self,
-        model,
+        model: Callable[..., Tensor],
         diffusion: GaussianDiffusion,
-        x_T,
-        model_kwargs=None,
+        x_T: Tensor,
+        model_kwargs: dict | None = None,
         noise: NoiseFn | None = None,
         progress: bool = False,
-    ) -> torch.Tensor:
+    ) -> Tensor:
+        """
+        :param x_T: an [N x C x H x W] Tensor of standard normal noise.
+        :return: an [N x C x H x W] Tensor of samples.
+        """
         process = self.respaced(diffusion)
         x = x_T
-        for k, i in enumerate(_steps_iter(process.num_timesteps, progress, "ddim")):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            z = None
-            if self.eta > 0:
-                z = noise(k) if noise is not None else torch.randn_like(x)
-            x = process.ddim_sample(
+        for k, t in enumerate(self._timesteps(_descending(process), x, progress, "ddim")):
+            out = process.ddim_sample(
                 model,
                 x,
                 t,
                 eta=self.eta,
                 clip_denoised=self.clip_denoised,
                 model_kwargs=model_kwargs,
-                noise=z,
-            )["sample"]
+                noise=_draw(noise, k, x) if self.eta > 0 else None,
+            )
+            x = out["sample"]
         return x
+
+    def __repr__(self) -> str:
+        return f"DDIM(steps={self.steps}, eta={self.eta}, clip_denoised={self.clip_denoised})"
 
 
 class DPMSolverPP(Solver):
@@ -117,115 +172,213 @@ class DPMSolverPP(Solver):
 
     With alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t), lambda_t = log(alpha_t / sigma_t) and the
     model's denoised estimate D_i at step i, one step from s to t with h = lambda_t - lambda_s is
-    ``x_t = (sigma_t / sigma_s) x_s - alpha_t (exp(-h) - 1) D`` where D = D_i for the first and the last step
-    and ``D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}`` (r = h_prev / h) otherwise. The model is evaluated at ``steps``
-    evenly spaced timesteps and the last step goes to sigma = 0, where x equals the final denoised estimate.
+    ``x_t = (sigma_t / sigma_s) x_s - alpha_t (exp(-h) - 1) D`` where D = D_i on the first step and
+    ``D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}`` (r = h_prev / h) after it. The step from t = 0 goes to sigma = 0,
+    where x is the last denoised estimate.
+
+    :param spacing: where the ``steps`` network evaluations go among the T training timesteps, T - 1 and 0
+        always included. ``logsnr``: evenly in lambda (what DPM-Solver recommends for pixel-space models; even
+        in t, the linear schedule crowds most steps where lambda barely moves and takes one huge last step);
+        ``time``: evenly in t (guided-diffusion's respacing).
     """
 
-    section = "ddim{}"
+    SPACINGS = ("logsnr", "time")
 
-    def __init__(self, steps: int = 20, clip_denoised: bool = True) -> None:
+    def __init__(self, steps: int = 20, clip_denoised: bool = True, spacing: str = "logsnr") -> None:
+        if spacing not in self.SPACINGS:
+            raise ValueError(f"solver.spacing={spacing!r}: use one of {list(self.SPACINGS)}")
         super().__init__(steps, clip_denoised)
+        self.spacing = spacing
+
+    def timesteps(self, diffusion: GaussianDiffusion) -> list[int]:
+        """The original timesteps the network is evaluated at, ascending: ``steps`` distinct integers."""
+        num_timesteps = diffusion.original_num_steps
+        if self.steps > num_timesteps:
+            raise ValueError(
+                f"solver.steps={self.steps} cannot be met on the model's {num_timesteps}-step process: "
+                f"use at most {num_timesteps} steps"
+            )
+        if self.spacing == "time":
+            return space_timesteps(num_timesteps, self.steps)
+        return logsnr_timesteps(diffusion.respace(None).alphas_cumprod, self.steps)
+
+    def check(self, diffusion: GaussianDiffusion) -> None:
+        self.timesteps(diffusion)
 
     def __call__(
         self,
-        model,
+        model: Callable[..., Tensor],
         diffusion: GaussianDiffusion,
-        x_T,
-        model_kwargs=None,
+        x_T: Tensor,
+        model_kwargs: dict | None = None,
         noise: NoiseFn | None = None,
         progress: bool = False,
-    ) -> torch.Tensor:
-        process = self.respaced(diffusion)
-        ab = torch.as_tensor(process.alphas_cumprod, dtype=torch.float64)
-        # Append the clean end point (alpha_bar = 1, sigma = 0) as the target of the final step.
-        ab = torch.cat([torch.ones(1, dtype=torch.float64), ab])  # index i + 1 is respaced step i
-        alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
-        lam = torch.log(alpha) - torch.log(sigma)  # +inf at the end point
-        x = x_T
-        prev_d = prev_h = None
-        for i in _steps_iter(process.num_timesteps, progress, "dpm-solver++"):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+    ) -> Tensor:
+        """
+        :param x_T: an [N x C x H x W] Tensor of standard normal noise.
+        :param noise: unused (the solver is deterministic); accepted for the shared signature.
+        :return: an [N x C x H x W] Tensor of samples.
+        """
+        # The full process, indexed by original timesteps: the solver picks its own subset of them.
+        process = diffusion.respace(None)
+        kept = self.timesteps(process)
+        alpha_bar = process.alphas_cumprod[kept]  # float64 [steps], entry i for the i-th kept step
+        alpha, sigma = np.sqrt(alpha_bar), np.sqrt(1.0 - alpha_bar)
+        lam = np.log(alpha) - np.log(sigma)
+        x, previous = x_T, None
+        for k, t in enumerate(self._timesteps(kept[::-1], x, progress, "dpm-solver++")):
+            i = len(kept) - 1 - k
             out = process.model_output(model, x, t, model_kwargs)
-            d, _ = process.predict_xstart_eps(out, x, t, clip_denoised=self.clip_denoised)
-            s, u = i + 1, i  # from step i (index i + 1) to step i - 1 (index i); index 0 is the clean end
-            if u == 0:
-                x = d  # sigma_u = 0: the update reduces to the denoised estimate (first order)
+            denoised, _ = process.predict_xstart_eps(out, x, t, clip_denoised=self.clip_denoised)
+            if i == 0:
+                x = denoised  # the step from t = 0 ends at sigma = 0, where x is the denoised estimate
                 break
-            h = (lam[u] - lam[s]).item()
-            if prev_d is None:
-                dd = d
-            else:
-                r = prev_h / h
-                dd = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * prev_d
-            x = (sigma[u] / sigma[s]).item() * x - alpha[u].item() * math.expm1(-h) * dd
-            prev_d, prev_h = d, h
+            h = float(lam[i - 1] - lam[i])
+            d = denoised if previous is None else _second_order(denoised, *previous, h)
+            x = float(sigma[i - 1] / sigma[i]) * x - float(alpha[i - 1] * math.expm1(-h)) * d
+            previous = (denoised, h)
         return x
 
+    def __repr__(self) -> str:
+        return (
+            f"DPMSolverPP(steps={self.steps}, spacing={self.spacing!r}, clip_denoised={self.clip_denoised})"
+        )
 
-def guided(model: torch.nn.Module, scale: float, null_class: int) -> Callable:
+
+def logsnr_timesteps(alphas_cumprod: np.ndarray, steps: int) -> list[int]:
+    """
+    ``steps`` distinct timesteps evenly spaced in log-SNR between the first and the last of a schedule.
+
+    :param alphas_cumprod: the schedule's float64 [T] alpha_bar (decreasing).
+    :return: ascending original timesteps, 0 and T - 1 included. Where even log-SNR spacing is finer than one
+        timestep (near t = 0 with many steps), consecutive timesteps are taken instead, so none repeats.
+    """
+    num_timesteps = len(alphas_cumprod)
+    lam = 0.5 * (np.log(alphas_cumprod) - np.log1p(-alphas_cumprod))  # decreasing in t
+    targets = np.linspace(lam[-1], lam[0], steps)
+    # np.interp needs increasing x: read t(lambda) off the reversed table.
+    t = np.rint(np.interp(targets, lam[::-1], np.arange(num_timesteps)[::-1])).astype(int)
+    t = np.sort(t)
+    for k in range(1, steps):  # push duplicates up...
+        t[k] = max(t[k], t[k - 1] + 1)
+    t[-1] = num_timesteps - 1
+    for k in range(steps - 2, -1, -1):  # ...and back below T - 1
+        t[k] = min(t[k], t[k + 1] - 1)
+    return t.tolist()
+
+
+def _second_order(denoised: Tensor, prev_denoised: Tensor, prev_h: float, h: float) -> Tensor:
+    """The multistep extrapolation of the denoised estimate, (1 + 1/2r) D_i - (1/2r) D_{i-1}, r = h_prev / h."""
+    c = h / (2.0 * prev_h)
+    return (1.0 + c) * denoised - c * prev_denoised
+
+
+def guided(model: Callable[..., Tensor], scale: float, null_class: int) -> Callable[..., Tensor]:
     """Classifier-free guidance in one batched forward pass.
 
-    Returns a function with the network's signature that runs the conditional and the null-label halves together
-    and combines them as ``uncond + scale * (cond - uncond)`` on the prediction channels; learned-variance channels
-    are taken from the conditional half.
+    Returns a function with the network's signature that runs the conditional and the null-label halves as one
+    batch of 2N and combines them as ``uncond + scale * (cond - uncond)`` on the prediction channels;
+    learned-variance channels are taken from the conditional half. The combination is affine (weights 1 - scale
+    and scale), so mixing the raw outputs gives the same x0 and eps whether the network predicts epsilon, x0 or v.
+
+    :param scale: the guidance weight; 1 returns the conditional prediction, 0 the unconditional one.
+    :param null_class: the label index the model was trained with for "no label".
     """
 
-    def forward(x, t, y=None, **kwargs):
+    def forward(x: Tensor, t: Tensor, y: Tensor | None = None, **kwargs) -> Tensor:
+        if y is None:
+            raise ValueError("classifier-free guidance needs class labels y")
         out = model(
             torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, null_class)]), **kwargs
         )
-        cond, uncond = out.chunk(2)
+        cond, uncond = out.chunk(2)  # each (N, C or 2C, H, W)
         c = x.shape[1]
-        mixed = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
+        mixed = torch.lerp(uncond[:, :c], cond[:, :c], scale)
         return torch.cat([mixed, cond[:, c:]], dim=1)
 
     return forward
 
 
+def check_guidance(model: torch.nn.Module, guidance_scale: float) -> None:
+    """ValueError unless ``guidance_scale`` is usable with ``model`` (1 = off always is)."""
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale={guidance_scale}: must be >= 0 (1 = off, 0 = unconditional)")
+    if guidance_scale == 1.0:
+        return
+    if not getattr(model, "num_classes", None):
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs a class-conditional model trained with "
+            "model.label_dropout > 0; this model is unconditional: use guidance_scale=1"
+        )
+    if getattr(model, "null_class", None) is None:
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs a model trained with classifier-free guidance "
+            "(model.label_dropout > 0); this one has no null class: use guidance_scale=1"
+        )
+
+
 class PerImageNoise:
     """Gaussian noise that depends only on (seed, image index, draw number), not on batching or ranks.
 
-    Each image owns a generator seeded from (seed, index); the initial x_T is its first draw and every stochastic
-    solver step draws the next one, so image k is the same whether it is generated in a batch of 4 or 16, on one
-    rank or on two.
+    Each image owns a CPU generator seeded from (seed, index); x_T is its first draw and every stochastic solver
+    step draws the next one, so image k is the same whether it is generated in a batch of 4 or 16, on one rank
+    or on two, on the CPU or a GPU.
+
+    :param seed: a non-negative integer.
+    :param indices: the global indices of the images in this batch (N of them).
+    :param shape: the shape of one image, (C, H, W).
     """
 
     def __init__(self, seed: int, indices: Sequence[int], shape: Sequence[int], device: torch.device) -> None:
+        if seed < 0:
+            raise ValueError(f"seed={seed}: must be >= 0")
         self.shape = tuple(shape)
         self.device = device
-        self.generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+        self.generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
 
-    def draw(self) -> torch.Tensor:
+    def draw(self) -> Tensor:
+        """The next draw of every image: an [N x C x H x W] Tensor on the device."""
         x = torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
         return x.to(self.device)
 
-    def __call__(self, step: int) -> torch.Tensor:
+    def __call__(self, step: int) -> Tensor:
         return self.draw()
+
+
+def image_seed(seed: int, index: int) -> int:
+    """A 64-bit generator seed for image ``index`` under ``seed``; distinct pairs give unrelated streams."""
+    return int(np.random.SeedSequence([seed, int(index)]).generate_state(1, dtype=np.uint64)[0])
 
 
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
     diffusion: GaussianDiffusion,
-    solver: Callable,
+    solver: Callable[..., Tensor],
     indices: Sequence[int],
     seed: int,
     device: torch.device,
-    classes: torch.Tensor | None = None,
+    classes: Tensor | None = None,
     guidance_scale: float = 1.0,
-    autocast=None,
-) -> torch.Tensor:
-    """Generate the images with the given indices: a float [N x C x H x W] Tensor in [-1, 1].
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> Tensor:
+    """Generate the images with the given global indices: a float [N x C x H x W] Tensor in [-1, 1].
 
+    :param model: the network; its ``in_channels``, ``image_size`` and ``null_class`` attributes are read.
+    :param diffusion: the process the model was trained with.
+    :param solver: a solver (see the module docstring).
+    :param indices: N global image indices; an image's noise depends only on its index and ``seed``.
     :param classes: [N] class labels for a class-conditional model, else None.
-    :param guidance_scale: classifier-free guidance weight; 1 disables it (one forward pass per step).
+    :param guidance_scale: classifier-free guidance weight; 1 disables it (one forward pass of N per step).
+    :param autocast: the forward-pass precision context (``Hardware.autocast()``); None runs in fp32.
     """
-    shape = (model.in_channels, model.image_size, model.image_size)
-    noise = PerImageNoise(seed, indices, shape, device)
+    indices = list(indices)
+    check_guidance(model, guidance_scale)
+    if classes is not None and len(classes) != len(indices):
+        raise ValueError(f"classes has {len(classes)} labels for {len(indices)} images")
+    noise = PerImageNoise(seed, indices, (model.in_channels, model.image_size, model.image_size), device)
     x_T = noise.draw()
-    kwargs = {}
-    net = model
+    kwargs, net = {}, model
     if classes is not None:
         kwargs["y"] = classes.to(device)
         if guidance_scale != 1.0:
