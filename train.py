@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from diffusion.config import register_configs, register_resolvers
+from diffusion.config import register_configs, register_resolvers, user_error
 
 register_configs()
 register_resolvers()
@@ -22,20 +22,19 @@ log = logging.getLogger("train")
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from diffusion.checkpoint import CheckpointError
     from diffusion.loggers import run_name_and_group
-    from diffusion.training import TrainingError, train
+    from diffusion.training import train
 
     hydra_cfg = HydraConfig.get()
     name, group = run_name_and_group(hydra_cfg)
     try:
         metrics = train(cfg, hydra_cfg.runtime.output_dir, name=name, group=group)
-    except (TrainingError, CheckpointError, ValueError) as e:
-        # A clear, single-line error for the user; the traceback goes to train.log only.
-        log.debug("training failed", exc_info=True)
-        log.error("%s", e)
-        if hydra_cfg.mode.name == "MULTIRUN":
-            raise
+    except Exception as e:
+        message = user_error(e)
+        if message is None or hydra_cfg.mode.name == "MULTIRUN":
+            raise  # a bug, or a sweep job: the launcher reports it with its traceback
+        log.debug("training failed", exc_info=True)  # shown with hydra.verbose=true
+        log.error("%s", message)
         sys.exit(1)
     return metrics.get("loss") if metrics else None
 

@@ -21,7 +21,7 @@ LATEST = "latest.pt"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says which file and why."""
 
 
@@ -75,6 +75,7 @@ def save_checkpoint(
 ) -> Path:
     """Write ``step_<step>.pt``, point ``latest.pt`` at it, then prune old periodic checkpoints."""
     ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"step_{step:08d}.pt"
     atomic_save({"format_version": FORMAT_VERSION, **state}, path)
     point_latest(ckpt_dir, path)

@@ -277,3 +277,18 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("launch_time"):
         OmegaConf.register_new_resolver("launch_time", launch_time, use_cache=True)
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message for an error the user can fix, or None for a bug (which keeps its traceback).
+
+    ``hydra.utils.instantiate`` wraps a constructor's ValueError in an InstantiationException; the message that
+    names the bad value is the original one.
+    """
+    from hydra.errors import InstantiationException
+
+    while isinstance(e, InstantiationException) and e.__cause__ is not None:
+        e = e.__cause__
+    if isinstance(e, (ValueError, OSError)):  # TrainingError, CheckpointError, SamplingError are ValueErrors
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None

@@ -59,6 +59,27 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
     return env
 
 
+def quiet_non_main(env: DistEnv) -> None:
+    """Only rank 0 writes the console and train.log; other ranks keep warnings and errors on the console."""
+    import logging
+
+    if env.is_main:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+def replicas_identical(module: torch.nn.Module) -> bool:
+    """Whether every rank holds bit-identical parameters (compares a float64 checksum of each tensor)."""
+    if not dist.is_initialized():
+        return True
+    sums = torch.stack([p.detach().double().sum() for p in module.parameters()]).cpu()
+    return all(torch.equal(sums, other) for other in all_gather_object(sums))
+
+
 def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

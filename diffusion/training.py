@@ -25,7 +25,15 @@ from tqdm.auto import tqdm
 from diffusion import checkpoint as ckpt
 from diffusion.config import LOADER_KEYS
 from diffusion.data import InfiniteLoader
-from diffusion.distributed import DistEnv, all_gather_object, barrier, cleanup_distributed, init_distributed
+from diffusion.distributed import (
+    DistEnv,
+    all_gather_object,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+    quiet_non_main,
+    replicas_identical,
+)
 from diffusion.images import save_grid, to_uint8
 from diffusion.loggers import LossTracker
 from diffusion.solvers import generate
@@ -33,13 +41,14 @@ from diffusion.solvers import generate
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ValueError):
     """Training cannot go on; the message says why and what to change."""
 
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike, name: str = "train", group: str | None = None) -> dict:
     """Train from a composed ``train.yaml`` config into ``run_dir``; returns the last logged metrics."""
     env = init_distributed(cfg.dist_timeout_s)
+    quiet_non_main(env)
     try:
         return _train(cfg, Path(run_dir), env, name, group)
     finally:
@@ -163,9 +172,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
         )
     ckpt_dir, sample_dir = run_dir / "checkpoints", run_dir / "samples"
     if env.is_main:
-        check_writable(run_dir)
-        ckpt_dir.mkdir(exist_ok=True)
-        sample_dir.mkdir(exist_ok=True)
+        check_writable(run_dir)  # checkpoints/ and samples/ appear with their first file
     hw = instantiate(cfg.hardware, local_rank=env.local_rank)
     device = hw.device
     torch.manual_seed(cfg.seed + env.rank)
@@ -372,6 +379,12 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
             if env.is_main and (step >= total_steps or (cfg.sample_every and step % cfg.sample_every == 0)):
                 sample_grid(cfg, hw, diffusion, ema_models, model, sample_dir, step, logger)
         bar.close()
+        if env.distributed:  # DDP keeps replicas in step; verify it, a silent divergence would waste the run
+            if not replicas_identical(model):
+                raise TrainingError(
+                    f"parameters differ between ranks at step {step}: a DDP synchronisation bug"
+                )
+            log.info("parameters identical on all %d ranks at step %d", env.world_size, step)
         exit_code = 0
         return metrics
     finally:

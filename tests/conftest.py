@@ -16,6 +16,7 @@ from diffusion.config import register_configs, register_resolvers
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 PYTHON = sys.executable
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
 # A network small enough that a training step takes milliseconds: digits at 8x8, two levels.
 TINY = [
@@ -88,3 +89,22 @@ def assert_state_equal(a, b, path: str = "") -> None:
 @pytest.fixture
 def tiny():
     return tiny_cfg
+
+
+@pytest.fixture
+def isolated_wandb(tmp_path, monkeypatch):
+    """No credentials, no prompts, no console capture; W&B's service and login state reset after the test."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / ".config" / "wandb"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(home / ".cache" / "wandb"))
+    yield
+    import wandb
+
+    wandb.teardown()

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import CONF, ROOT, compose_cfg
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import CONF, ROOT, compose_cfg
 
 GROUPS = ["model", "diffusion", "data", "optim", "sampler", "hardware", "logger", "solver"]
 RELEASED = {

@@ -31,22 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def quiet_local_wandb(tmp_path, monkeypatch):
-    """No credentials, no prompts, no console capture; W&B's service and login state reset after each test."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL", "NETRC"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_CONSOLE", "off")
-    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / ".config" / "wandb"))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(home / ".cache" / "wandb"))
-    yield
-    import wandb
-
-    wandb.teardown()
+def _isolated(isolated_wandb):
+    """No credentials, no prompts, no console capture (see conftest.isolated_wandb)."""
 
 
 def _image(seed: int = 0) -> np.ndarray:

@@ -8,11 +8,12 @@ import os
 
 import pytest
 import torch
-from conftest import assert_state_equal, load_ckpt, tiny_cfg
 
 from diffusion import training
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.training import TrainingError, lr_lambda, train, update_ema
+
+from conftest import assert_state_equal, load_ckpt, tiny_cfg
 
 
 def read_jsonl(path):
