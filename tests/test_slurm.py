@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CONF, ROOT, TINY, load_ckpt, run_script
 from hydra import compose, initialize_config_dir
+
+from conftest import CONF, ROOT, TINY, load_ckpt, run_script
 
 # This cluster is one CPU node: no GPUs to request, 2 cores for two concurrent jobs.
 CPU_NODE = [
@@ -96,7 +97,10 @@ def test_slurm_sweep_trains_each_job_on_the_cluster(slurm_cluster, tmp_path):
 def test_local_sweep_trains_each_job(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # The local launcher's defaults fit any machine: one task, CUDA_VISIBLE_DEVICES=0 (unused on a CPU).
-    run_script("train.py", *sweep_args(sweep_dir), "hydra/launcher=local", timeout=600)
+    # Both jobs start at once on this 2-core machine: one thread each, as slurm.yaml's setup line does on SLURM.
+    run_script(
+        "train.py", *sweep_args(sweep_dir), "hydra/launcher=local", timeout=600, env={"OMP_NUM_THREADS": "1"}
+    )
     assert_jobs_trained(sweep_dir)
     assert len(list((sweep_dir / ".submitit").glob("*/*_0_result.pkl"))) == 2
 
