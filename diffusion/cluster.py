@@ -15,7 +15,7 @@ of scripts/slurm_start.sh):
    pickles that over the job's submission, runs ``scontrol requeue <job id>`` and exits. SLURM kills the
    other ranks and later reruns the same job id from the start, so the engine must resume from the
    latest checkpoint in its output directory. Timeouts count against ``max_num_timeout``, preemptions
-   do not.
+   do not. SLURM holds a requeued job for ``cred_expire`` (120 s by default, 10 s on the local cluster).
 
 Python runs signal handlers between two bytecodes of the main thread, so submitit's handler fires at an
 arbitrary point: mid optimizer step, or mid ``torch.save`` of an older checkpoint, and everything since the
@@ -70,8 +70,10 @@ class PreemptionGuard:
         guard.uninstall()
 
     If ``hand_over`` returns (a rank other than 0 under submitit, or a signal whose previous handler only
-    logs it), the process was meant to live on: the guard is armed again and training continues until
-    SLURM stops it.
+    logs it), the process was meant to live on: the guard is armed again and training should continue
+    until SLURM stops it. Returning from the task instead would leave a "success" result for a rank other
+    than 0, and after a bare SIGTERM (preemption without USR2) the sweep would count a half-trained job as
+    finished.
 
     :param signals: the signals to take over, most important first: the first one is handed over last,
         because submitit's handler for it does not return.
