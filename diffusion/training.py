@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -367,15 +366,14 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
                     )
                     log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
                 t_interval, steps_interval = time.perf_counter(), 0
-            preempted = guard is not None and _any_rank(guard.requested, env, device)
+            preempted = guard is not None and guard.requested_on_any_rank()  # ranks stop at the same step
             if step >= total_steps or preempted or (cfg.save_every and step % cfg.save_every == 0):
                 save_state(cfg, env, ckpt_dir, step, wandb_id, **snapshot)
             if preempted:
                 log.warning(
-                    "pre-emption signal: saved step %d; the job is requeued and resumes from there", step
+                    "pre-emption signal: saved step %d; handing over to the launcher to requeue", step
                 )
-                guard.hand_over()
-                break
+                guard.hand_over()  # submitit requeues and exits; if the handler returns, training goes on
             if env.is_main and (step >= total_steps or (cfg.sample_every and step % cfg.sample_every == 0)):
                 sample_grid(cfg, hw, diffusion, ema_models, model, sample_dir, step, logger)
         bar.close()
@@ -452,27 +450,12 @@ def sample_grid(cfg, hw, diffusion, ema_models, model, sample_dir, step, logger)
     n = cfg.num_grid_samples
     classes = torch.arange(n) % model.num_classes if model.num_classes else None
     ema = next(iter(ema_models.values()))
-    x = generate(
-        ema,
-        diffusion,
-        instantiate(cfg.solver),
-        range(n),
-        cfg.seed,
-        hw.device,
-        classes,
-        autocast=hw.autocast(),
-    )
+    solver = instantiate(
+        cfg.solver, steps=min(cfg.solver.steps, diffusion.num_timesteps)
+    )  # short test processes
+    x = generate(ema, diffusion, solver, range(n), cfg.seed, hw.device, classes, autocast=hw.autocast())
     path = sample_dir / f"step_{step:08d}.png"
     grid = save_grid(to_uint8(x), path)
     if logger is not None:
         logger.log_image("samples", grid, step, caption=f"step {step}")
     log.info("sample grid %s", path)
-
-
-def _any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
-    """True on every rank if any rank's flag is set (ranks must stop at the same step)."""
-    if not env.distributed:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
