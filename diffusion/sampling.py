@@ -1,18 +1,21 @@
 """Sampling from a checkpoint: the work behind ``sample.py``.
 
 A project checkpoint carries its model and diffusion config, so it needs no flags. A plain state dict (OpenAI's
-released ``.pt`` files) needs ``model=<preset> diffusion=<preset>``. Under torchrun the ranks split the images and
-rank 0 writes one ``samples.npz`` in index order and ``grid.png``.
+released ``.pt`` files) needs ``model=<preset> diffusion=<preset>``. Under torchrun the ranks split the images
+(rank r makes images r, r + W, r + 2W, ...) and rank 0 writes one ``samples.npz`` in index order and
+``grid.png``. Every request is checked before the first image is generated.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -20,7 +23,7 @@ from tqdm.auto import tqdm
 from diffusion import checkpoint as ckpt
 from diffusion.distributed import DistEnv, barrier, cleanup_distributed, init_distributed
 from diffusion.images import save_grid, to_uint8
-from diffusion.solvers import generate
+from diffusion.solvers import check_guidance, generate
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -30,96 +33,125 @@ class SamplingError(ValueError):
     """The sampling request cannot be met; the message says what to change."""
 
 
-def matching_presets(state_dict: dict) -> list[str]:
-    """Model presets in ``conf/model`` whose key/shape layout equals ``state_dict``'s (built on the meta device)."""
-    from hydra import compose, initialize_config_dir
+def build(node, **kwargs):
+    """``instantiate`` whose bad-value errors come out as the component's own one-line ValueError."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ValueError):
+            raise SamplingError(str(e.__cause__)) from e.__cause__
+        raise
 
+
+def _compose_model(name: str) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    # Inside sample.py's @hydra.main Hydra is already initialised on conf/; elsewhere (tests, notebooks) open it.
+    if GlobalHydra.instance().is_initialized():
+        return compose(overrides=[f"+model={name}"]).model
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(overrides=[f"+model={name}"]).model
+
+
+def _shapes(state_dict: dict) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+@functools.cache
+def _preset_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    # Built on the meta device (no memory, no initialisation): about 0.1 s per preset, once per process.
+    with torch.device("meta"):
+        return _shapes(instantiate(_compose_model(name)).state_dict())
+
+
+def matching_presets(state_dict: dict) -> list[str]:
+    """Model presets in ``conf/model`` whose key/shape layout equals ``state_dict``'s."""
     from diffusion.config import register_configs
 
     register_configs()
-    theirs = {k: tuple(v.shape) for k, v in state_dict.items()}
-    found = []
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        for path in sorted((CONF_DIR / "model").glob("*.yaml")):
-            cfg = compose(config_name="train", overrides=[f"model={path.stem}"])
-            with torch.device("meta"):
-                model = instantiate(cfg.model)
-            if {k: tuple(v.shape) for k, v in model.state_dict().items()} == theirs:
-                found.append(path.stem)
-    return found
+    theirs = _shapes(state_dict)
+    return [p.stem for p in sorted((CONF_DIR / "model").glob("*.yaml")) if _preset_shapes(p.stem) == theirs]
+
+
+def _read_checkpoint(cfg: DictConfig) -> tuple[DictConfig, DictConfig, dict, dict]:
+    """(model config, diffusion config, weights, info) from a project checkpoint or a plain state dict."""
+    state = ckpt.load_file(cfg.checkpoint)
+    if "format_version" not in state:
+        if cfg.model is None or cfg.diffusion is None:
+            raise SamplingError(
+                f"{cfg.checkpoint} is a plain state dict (such as OpenAI's releases): name its network and "
+                "process, e.g. model=unet_256 diffusion=adm"
+            )
+        return cfg.model, cfg.diffusion, state, {"class_names": [], "step": None}
+    if state["format_version"] != ckpt.FORMAT_VERSION:
+        ckpt.load_checkpoint(cfg.checkpoint)  # raises the explanation of the version mismatch
+    if cfg.model is not None or cfg.diffusion is not None:
+        raise SamplingError(
+            f"{cfg.checkpoint} is a checkpoint of this project and carries its own model and diffusion config: "
+            "drop the model=... and diffusion=... overrides"
+        )
+    weights = ckpt.model_weights(state, cfg.use_ema, cfg.ema_rate)
+    info = {"class_names": state.get("class_names", []), "step": state["step"]}
+    return OmegaConf.create(state["model_config"]), OmegaConf.create(state["config"]).diffusion, weights, info
 
 
 def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, object, dict]:
-    """Build the network and diffusion for ``cfg.checkpoint`` and load its (EMA) weights.
+    """Build the network and diffusion for ``cfg.checkpoint`` and load its (EMA) weights, strictly.
 
-    Returns (model, diffusion, info) where info holds ``class_names`` and the checkpoint ``step`` when known.
+    :param cfg: a node with checkpoint, model, diffusion, use_ema and ema_rate (``sample.yaml``, ``nll.yaml``).
+    :return: (model in eval mode on the CPU, diffusion, info) where info holds ``class_names`` and the
+        checkpoint ``step`` (None for a plain state dict).
     """
-    state = ckpt.load_file(cfg.checkpoint)
-    if "format_version" in state:
-        state = ckpt.load_checkpoint(cfg.checkpoint)
-        train_cfg = OmegaConf.create(state["config"])
-        model_cfg = OmegaConf.create(state["model_config"])
-        diffusion_cfg = cfg.diffusion if cfg.diffusion is not None else train_cfg.diffusion
-        weights = ckpt.model_weights(state, cfg.use_ema, cfg.ema_rate)
-        info = {"class_names": state.get("class_names", []), "step": state["step"]}
-    else:
-        if cfg.model is None or cfg.diffusion is None:
-            raise SamplingError(
-                f"{cfg.checkpoint} is a plain state dict (such as OpenAI's releases): name its network and process, "
-                "e.g. model=unet_256 diffusion=adm"
-            )
-        model_cfg, diffusion_cfg, weights, info = (
-            cfg.model,
-            cfg.diffusion,
-            state,
-            {"class_names": [], "step": None},
-        )
+    model_cfg, diffusion_cfg, weights, info = _read_checkpoint(cfg)
     with torch.device("meta"):
-        model = instantiate(model_cfg)
+        model = build(model_cfg)
     problem = ckpt.describe_mismatch(model, weights)
     if problem:
         presets = matching_presets(weights)
         hint = (
-            f" The file matches model={' / model='.join(presets)}."
+            f"The file matches model={' / model='.join(presets)}."
             if presets
-            else " No model preset matches it."
+            else "No model preset matches it."
         )
-        raise SamplingError(f"{cfg.checkpoint} does not fit the chosen model: {problem}.{hint}")
-    model = instantiate(model_cfg)
-    model.load_state_dict(weights, strict=True)
-    diffusion = instantiate(diffusion_cfg)
-    if model.out_channels != model.in_channels * (2 if diffusion.learns_sigma else 1):
+        raise SamplingError(f"{cfg.checkpoint} does not fit the chosen model: {problem}. {hint}")
+    # The meta-device network takes the loaded tensors as they are: no random initialisation to throw away.
+    model.load_state_dict(weights, strict=True, assign=True)
+    diffusion = build(diffusion_cfg)
+    expected = model.in_channels * (2 if diffusion.learns_sigma else 1)
+    if model.out_channels != expected:
         raise SamplingError(
             f"the network outputs {model.out_channels} channels but diffusion.model_var_type="
-            f"{diffusion_cfg.model_var_type} expects {model.in_channels * (2 if diffusion.learns_sigma else 1)}: "
-            "choose the diffusion preset the model was trained with"
+            f"{diffusion.model_var_type} expects {expected}: choose the diffusion preset the model was trained with"
         )
     return model.eval(), diffusion, info
 
 
 def class_labels(cfg: DictConfig, model: torch.nn.Module) -> torch.Tensor | None:
-    """The class of every requested image: ``classes`` cycled, or spread evenly over all classes."""
+    """The class of every requested image, a LongTensor [num_samples]: ``classes`` cycled, or all classes in
+    turn; None for an unconditional model. Also checks that ``guidance_scale`` suits the model."""
+    try:
+        check_guidance(model, cfg.guidance_scale)
+    except ValueError as e:
+        raise SamplingError(str(e)) from None
     if not model.num_classes:
         if cfg.classes:
-            raise SamplingError("classes=... given, but the model is unconditional: drop classes")
-        if cfg.guidance_scale != 1.0:
             raise SamplingError(
-                "guidance_scale != 1 needs a class-conditional model trained with model.label_dropout > 0"
+                f"classes={list(cfg.classes)} given, but the model is unconditional: drop classes"
             )
         return None
-    if cfg.guidance_scale != 1.0 and model.null_class is None:
-        raise SamplingError(
-            "guidance_scale != 1 needs a model trained with classifier-free guidance (model.label_dropout > 0); "
-            "this one has no null class: use guidance_scale=1"
-        )
-    if cfg.classes:
-        bad = [c for c in cfg.classes if not 0 <= c < model.num_classes]
-        if bad:
-            raise SamplingError(f"classes {bad} are outside the model's range 0..{model.num_classes - 1}")
-        base = torch.tensor(list(cfg.classes))
-    else:
-        base = torch.arange(model.num_classes)
-    return base.repeat(cfg.num_samples // len(base) + 1)[: cfg.num_samples]
+    base = list(cfg.classes) if cfg.classes else list(range(model.num_classes))
+    bad = [c for c in base if not 0 <= c < model.num_classes]
+    if bad:
+        raise SamplingError(f"classes {bad} are outside the model's range 0..{model.num_classes - 1}")
+    return torch.tensor(base).repeat(cfg.num_samples // len(base) + 1)[: cfg.num_samples]
+
+
+def check_request(cfg: DictConfig) -> None:
+    """The checks that need no checkpoint."""
+    for key, minimum in [("num_samples", 1), ("batch_size", 1), ("grid_max", 1), ("seed", 0)]:
+        if cfg[key] < minimum:
+            raise SamplingError(f"{key}={cfg[key]}: must be >= {minimum}")
 
 
 def sample(cfg: DictConfig, run_dir: str | Path) -> Path:
@@ -132,19 +164,46 @@ def sample(cfg: DictConfig, run_dir: str | Path) -> Path:
 
 
 def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
-    if cfg.num_samples < 1 or cfg.batch_size < 1:
-        raise SamplingError(f"num_samples={cfg.num_samples} and batch_size={cfg.batch_size} must be >= 1")
-    hw = instantiate(cfg.hardware, local_rank=env.local_rank)
+    check_request(cfg)
+    hw = build(cfg.hardware, local_rank=env.local_rank)
     model, diffusion, info = load_model(cfg)
-    model = hw.prepare_model(model)
     labels = class_labels(cfg, model)
-    solver = instantiate(cfg.solver)
-    solver.check(diffusion)  # a step count the respacing cannot meet fails here, before any work
+    solver = build(cfg.solver)
+    try:
+        solver.check(diffusion)
+    except ValueError as e:
+        raise SamplingError(str(e)) from None
+    model = hw.prepare_model(model)
+    log.info("%s on %s; %d rank(s); %s", solver, hw, env.world_size, cfg.checkpoint)
 
-    # Rank r generates images r, r + W, r + 2W, ...; an image's noise depends on its index only.
+    start = time.perf_counter()
     mine = list(range(env.rank, cfg.num_samples, env.world_size))
-    images, start = [], time.perf_counter()
-    bar = tqdm(total=len(mine), desc=f"sampling (rank {env.rank})", unit="img", disable=not env.is_main)
+    shard = _generate_shard(cfg, model, diffusion, solver, labels, mine, hw, env)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    np.save(run_dir / f".shard_{env.rank}.npy", shard)
+    barrier()
+    out = run_dir / "samples.npz"
+    if env.is_main:
+        _write_samples(run_dir, out, cfg, labels, env.world_size)
+        elapsed = time.perf_counter() - start
+        log.info(
+            "%d samples from %s (step %s) in %.1f s: %.2f images/s on %d rank(s) -> %s",
+            cfg.num_samples,
+            cfg.checkpoint,
+            info["step"],
+            elapsed,
+            cfg.num_samples / elapsed,
+            env.world_size,
+            out,
+        )
+    barrier()
+    return out
+
+
+def _generate_shard(cfg, model, diffusion, solver, labels, mine, hw, env) -> np.ndarray:
+    """This rank's images, uint8 [len(mine) x H x W x C], in batches of ``cfg.batch_size``."""
+    images = [np.zeros((0, model.image_size, model.image_size, model.in_channels), np.uint8)]
+    bar = tqdm(total=len(mine), desc="sampling", unit="img", disable=not env.is_main)
     for b in range(0, len(mine), cfg.batch_size):
         idx = mine[b : b + cfg.batch_size]
         y = labels[idx] if labels is not None else None
@@ -154,34 +213,21 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
         images.append(to_uint8(x))
         bar.update(len(idx))
     bar.close()
-    elapsed = time.perf_counter() - start
-    shard = np.concatenate(images) if images else np.zeros((0,), np.uint8)
-    np.save(run_dir / f".shard_{env.rank}.npy", shard)
-    barrier()
-    out = run_dir / "samples.npz"
-    if env.is_main:
-        shards = [np.load(run_dir / f".shard_{r}.npy") for r in range(env.world_size)]
-        arr = np.empty((cfg.num_samples, *shards[0].shape[1:]), dtype=np.uint8)
-        for r, s in enumerate(shards):
-            arr[r :: env.world_size] = s
-        arrays = {"arr_0": arr}
-        if labels is not None:
-            arrays["arr_1"] = labels.numpy()
-        tmp = run_dir / ".samples.tmp.npz"
-        np.savez(tmp, **arrays)
-        tmp.replace(out)
-        save_grid(arr[: cfg.grid_max], run_dir / "grid.png")
-        for r in range(env.world_size):
-            (run_dir / f".shard_{r}.npy").unlink()
-        log.info(
-            "%d samples from %s (step %s) in %.1f s: %.2f images/s on %d rank(s) -> %s",
-            cfg.num_samples,
-            cfg.checkpoint,
-            info["step"],
-            elapsed,
-            len(mine) * env.world_size / elapsed,
-            env.world_size,
-            out,
-        )
-    barrier()
-    return out
+    return np.concatenate(images)
+
+
+def _write_samples(run_dir: Path, out: Path, cfg: DictConfig, labels, world_size: int) -> None:
+    """Interleave the ranks' shards back into index order; write samples.npz atomically, then grid.png."""
+    shards = [np.load(run_dir / f".shard_{r}.npy") for r in range(world_size)]
+    arr = np.empty((cfg.num_samples, *shards[0].shape[1:]), dtype=np.uint8)
+    for r, shard in enumerate(shards):
+        arr[r::world_size] = shard
+    arrays = {"arr_0": arr}  # the layout OpenAI's evaluator reads: arr_0 images, arr_1 labels
+    if labels is not None:
+        arrays["arr_1"] = labels.numpy()
+    tmp = run_dir / ".samples.tmp.npz"
+    np.savez(tmp, **arrays)
+    tmp.replace(out)
+    save_grid(arr[: cfg.grid_max], run_dir / "grid.png")
+    for r in range(world_size):
+        (run_dir / f".shard_{r}.npy").unlink()
