@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import math
 import os
@@ -159,6 +160,23 @@ def find_resume(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
     return path
 
 
+def check_classes(known: list[str], current: list[str], source: Path) -> None:
+    """A resumed run must see the classes, in the order, that its checkpoint was trained on."""
+    if not known or known == current:
+        return
+    unknown = [c for c in current if c not in known]
+    if unknown:
+        raise TrainingError(
+            f"the data has {len(unknown)} classes that {source} does not know ({', '.join(unknown[:5])}); "
+            f"it was trained on {len(known)} classes: point data.dir at the same classes or start a new run"
+        )
+    raise TrainingError(
+        f"the data's classes differ from those {source} was trained on (missing: "
+        f"{', '.join([c for c in known if c not in current][:5]) or 'none'}; the label indices would shift): "
+        "use the same class folders or start a new run"
+    )
+
+
 def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str | None) -> dict:
     # Validation that needs no work: values, batch arithmetic and the output directory.
     validate_config(cfg)
@@ -232,6 +250,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
         torch.set_rng_state(rng["torch"][env.rank])
         if device.type == "cuda" and rng.get("cuda"):
             torch.cuda.set_rng_state(rng["cuda"][env.rank], device)
+        check_classes(state.get("class_names") or [], list(dataset.class_names), resume_path)
         step, wandb_id = state["step"], state.get("wandb_run_id")
         log.info("resumed from %s at step %d", resume_path, step)
     elif cfg.init_from:
@@ -255,6 +274,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
     logger = None
     if env.is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        (run_dir / "class_names.json").write_text(json.dumps(list(dataset.class_names)))
         logger = instantiate(cfg.logger)
         wandb_id = logger.start(
             str(run_dir), OmegaConf.to_container(cfg, resolve=True), name, group, wandb_id
@@ -385,6 +405,12 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
             log.info("parameters identical on all %d ranks at step %d", env.world_size, step)
         exit_code = 0
         return metrics
+    except torch.OutOfMemoryError as e:
+        raise TrainingError(
+            f"out of memory at step {step + 1} with {micro} images per forward pass on {device}: lower "
+            f"data.batch_size, set data.microbatch={max(micro // 2, 1)}, or set model.use_checkpoint=true; "
+            f"the checkpoints in {ckpt_dir} are intact"
+        ) from e
     finally:
         if guard is not None:
             guard.uninstall()

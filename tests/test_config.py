@@ -132,10 +132,12 @@ def test_data_image_folder_and_cifar_compose(tmp_path):
     assert cfg.data.image_size == 32
 
 
-def test_experiments_compose():
-    for name in options("experiment"):
-        cfg = compose_cfg([f"+experiment={name}"])
-        assert cfg.model and cfg.data
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiments_compose(name):
+    cfg = compose_cfg([f"experiment={name}"])
+    assert cfg.max_steps > 0 and cfg.model.image_size == cfg.data.image_size
+    if name == "digits":
+        assert cfg.optim.lr == 1e-3 and cfg.model.in_channels == 1 and cfg.data._target_ == "diffusion.data.Digits"
 
 
 @pytest.mark.parametrize(

@@ -205,3 +205,27 @@ def test_build_model_takes_runtime_values_from_data_and_diffusion(tmp_path):
     assert (
         model.out_channels == 1 and model_config["learn_sigma"] is False and model_config["num_classes"] == 10
     )
+
+
+def test_out_of_memory_says_what_to_change(tmp_path, monkeypatch):
+    train(tiny_cfg("max_steps=1"), tmp_path)
+
+    def oom(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", oom)
+    with pytest.raises(
+        TrainingError, match=r"out of memory at step 2 with 8 images .*data.microbatch=4.*use_checkpoint"
+    ):
+        train(tiny_cfg("max_steps=3"), tmp_path)
+    assert load_ckpt(tmp_path / "checkpoints/latest.pt")["step"] == 1
+
+
+def test_resumed_run_rejects_classes_the_checkpoint_does_not_know(tmp_path):
+    training.check_classes(["cat", "dog"], ["cat", "dog"], tmp_path)
+    with pytest.raises(TrainingError, match="1 classes that .* does not know \\(zebra\\)"):
+        training.check_classes(["cat", "dog"], ["cat", "dog", "zebra"], tmp_path)
+    with pytest.raises(TrainingError, match="missing: dog"):
+        training.check_classes(["cat", "dog"], ["cat"], tmp_path)
+    train(tiny_cfg("max_steps=1"), tmp_path)
+    assert json.loads((tmp_path / "class_names.json").read_text()) == [str(i) for i in range(10)]
