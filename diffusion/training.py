@@ -260,9 +260,8 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
             ema.load_state_dict(model.state_dict())
         log.info("initialised the weights from %s", cfg.init_from)
     if env.distributed:
-        ddp_model = DDP(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )  # broadcasts rank 0's
+        # DDP broadcasts rank 0's parameters to every rank when it is built.
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         if resume_path is None:
             for ema in ema_models.values():  # the EMAs start from the broadcast weights
                 ema.load_state_dict(model.state_dict())
@@ -286,9 +285,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
         # The loop: one optimizer step over the global batch per iteration; metrics stay on the device.
         tracker = LossTracker(diffusion.original_num_steps, device, prefix="")
         skipped = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps so far
-        run_nonfinite = torch.zeros(
-            (), dtype=torch.long, device=device
-        )  # the current run of consecutive ones
+        run_nonfinite = torch.zeros((), dtype=torch.long, device=device)  # current run of consecutive ones
         worst_run = torch.zeros((), dtype=torch.long, device=device)  # the longest run this interval
         n_micro = per_rank // micro
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
