@@ -7,9 +7,6 @@ checkpoint=256x256_diffusion.pt solver=ddim solver.steps=25
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -18,20 +15,13 @@ from diffusion.config import register_configs, register_resolvers
 
 register_configs()
 register_resolvers()
-log = logging.getLogger("sample")
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from diffusion.checkpoint import CheckpointError
-    from diffusion.sampling import sample
+    from diffusion.sampling import exit_on_bad_request, sample
 
-    try:
-        sample(cfg, HydraConfig.get().runtime.output_dir)
-    except (CheckpointError, ValueError) as e:
-        log.debug("sampling failed", exc_info=True)
-        log.error("%s", e)
-        sys.exit(1)
+    exit_on_bad_request(lambda: sample(cfg, HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

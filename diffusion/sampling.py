@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,17 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 class SamplingError(ValueError):
     """The sampling request cannot be met; the message says what to change."""
+
+
+def exit_on_bad_request(work: Callable[[], object]) -> None:
+    """Run ``work`` (a command-line entry point's job); a bad request ends the process with its one-line
+    message and exit status 1 instead of a traceback (still in the log file at DEBUG level)."""
+    try:
+        work()
+    except (ckpt.CheckpointError, ValueError) as e:
+        log.debug("request failed", exc_info=True)
+        log.error("%s", e)
+        sys.exit(1)
 
 
 def build(node, **kwargs):

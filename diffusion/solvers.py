@@ -334,7 +334,7 @@ class PerImageNoise:
             raise ValueError(f"seed={seed}: must be >= 0")
         self.shape = tuple(shape)
         self.device = device
-        self.generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
+        self.generators = [torch.Generator().manual_seed(derived_seed(seed, i)) for i in indices]
 
     def draw(self) -> Tensor:
         """The next draw of every image: an [N x C x H x W] Tensor on the device."""
@@ -345,9 +345,10 @@ class PerImageNoise:
         return self.draw()
 
 
-def image_seed(seed: int, index: int) -> int:
-    """A 64-bit generator seed for image ``index`` under ``seed``; distinct pairs give unrelated streams."""
-    return int(np.random.SeedSequence([seed, int(index)]).generate_state(1, dtype=np.uint64)[0])
+def derived_seed(*keys: int) -> int:
+    """A 64-bit generator seed from non-negative integer keys, e.g. (seed, image index): distinct key tuples give
+    unrelated streams, unlike ``seed * K + index``, where seed 0's image K is seed 1's image 0."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
 
 
 @torch.no_grad()

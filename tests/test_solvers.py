@@ -15,9 +15,9 @@ from diffusion.solvers import (
     DDPM,
     DPMSolverPP,
     PerImageNoise,
+    derived_seed,
     generate,
     guided,
-    image_seed,
     logsnr_timesteps,
 )
 from diffusion.unet import UNetModel
@@ -329,7 +329,7 @@ def test_per_image_noise_depends_on_seed_and_index_only():
     assert not torch.equal(first_a[0], first_a[1])
     other_seed = PerImageNoise(8, [2, 3], (1, 4, 4), torch.device("cpu")).draw()
     assert not torch.equal(other_seed, first_b)
-    assert image_seed(0, 1_000_003) != image_seed(1, 0)  # no aliasing between (seed, index) pairs
+    assert derived_seed(0, 1_000_003) != derived_seed(1, 0)  # no aliasing between (seed, index) pairs
     with pytest.raises(ValueError, match="seed=-1: must be >= 0"):
         PerImageNoise(-1, [0], (1, 4, 4), torch.device("cpu"))
 

@@ -1,0 +1,192 @@
+"""Bits/dim of a checkpoint on a dataset: the variational bound, as guided-diffusion's ``image_nll.py`` reports it.
+
+    python -m diffusion.nll checkpoint=outputs/digits/checkpoints/latest.pt data=digits num_batches=4
+
+For every image the full bound is evaluated with :meth:`GaussianDiffusion.calc_bpd_loop` (one network call per
+training timestep: T calls per batch). The run directory gets ``nll.npz`` with the per-image values (``index``,
+``total_bpd``, ``prior_bpd``; ``vb``, ``xstart_mse`` and ``mse`` per term, column i for t = T-1-i) and the log a
+summary line. Under torchrun the ranks split every batch (``data.batch_size`` is the global batch, as in
+training) and rank 0 writes the merged results. The noise of batch b on rank r is drawn from a generator seeded by
+(seed, r, b), so a run is reproducible for a given seed, batch size and number of ranks.
+
+A plain state dict (OpenAI's releases) needs ``model=<preset> diffusion=<preset>``, as for sample.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from diffusion.config import LOADER_KEYS
+from diffusion.data import InfiniteLoader
+from diffusion.distributed import DistEnv, all_gather_object, cleanup_distributed, init_distributed
+from diffusion.gaussian_diffusion import GaussianDiffusion
+from diffusion.sampling import SamplingError, build, exit_on_bad_request, load_model
+from diffusion.solvers import derived_seed
+
+log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+TERMS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")
+
+
+@dataclass
+class NLLConfig:
+    model: Any = (
+        None  # only for plain state-dict files (OpenAI's releases); a project checkpoint knows its own
+    )
+    diffusion: Any = None
+    data: Any = MISSING
+    hardware: Any = MISSING
+    checkpoint: str = MISSING
+    num_batches: int = 0  # global batches of data.batch_size to evaluate; 0 = one pass over the dataset
+    clip_denoised: bool = True
+    use_ema: bool = True
+    ema_rate: float | None = None  # which EMA; default the first of the checkpoint's rates
+    seed: int = 0
+
+
+def register_nll_config() -> None:
+    """Store ``nll_schema`` (the first entry of ``conf/nll.yaml``'s defaults) in Hydra's ConfigStore."""
+    ConfigStore.instance().store(name="nll_schema", node=NLLConfig)
+
+
+def batch_generator(seed: int, rank: int, batch: int) -> torch.Generator:
+    """The CPU generator that draws the noise of ``batch`` on ``rank``."""
+    return torch.Generator().manual_seed(derived_seed(seed, rank, batch))
+
+
+@torch.no_grad()
+def bits_per_dim(
+    model: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    seed: int = 0,
+    rank: int = 0,
+    clip_denoised: bool = True,
+) -> dict[str, np.ndarray]:
+    """
+    The variational bound of every image in ``batches``.
+
+    :param batches: (x, y) pairs: x an [N x C x H x W] Tensor in [-1, 1], y [N] labels (used when the model is
+        class-conditional).
+    :return: dict of float64 arrays, concatenated over the batches: "total_bpd" and "prior_bpd" [M]; "vb",
+        "xstart_mse" and "mse" [M x T].
+    """
+    results = {k: [] for k in TERMS}
+    for b, (x, y) in enumerate(batches):
+        kwargs = {"y": y.to(device)} if model.num_classes else {}
+        out = diffusion.calc_bpd_loop(
+            model, x.to(device), clip_denoised, kwargs, generator=batch_generator(seed, rank, b)
+        )
+        for k in TERMS:
+            results[k].append(out[k].double().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in results.items()}
+
+
+def _dataset(cfg: DictConfig, model: torch.nn.Module):
+    """The configured dataset in the model's format: its image size and channels."""
+    data = cfg.data
+    if not OmegaConf.is_interpolation(data, "image_size") and data.image_size != model.image_size:
+        raise SamplingError(
+            f"data.image_size={data.image_size} but the model takes {model.image_size} px images: drop the override"
+        )
+    fields = {k: data[k] for k in data if k not in LOADER_KEYS and k != "image_size"}
+    dataset = build(fields, image_size=model.image_size, channels=model.in_channels)
+    if model.num_classes and not dataset.num_classes:
+        raise SamplingError("the model is class-conditional but the data has no labels: choose labelled data")
+    return dataset
+
+
+def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict | None:
+    """Evaluate ``cfg.checkpoint`` on ``cfg.data``; rank 0 writes ``run_dir/nll.npz`` and returns the summary
+    (mean total_bpd and prior_bpd, num_images, num_terms), the other ranks None."""
+    env = init_distributed()
+    try:
+        return _evaluate(cfg, Path(run_dir), env)
+    finally:
+        cleanup_distributed()
+
+
+def _loader(cfg: DictConfig, dataset, env: DistEnv) -> tuple[InfiniteLoader, int]:
+    if cfg.data.batch_size % env.world_size:
+        raise SamplingError(
+            f"data.batch_size={cfg.data.batch_size} must be divisible by the {env.world_size} ranks"
+        )
+    try:
+        loader = InfiniteLoader(
+            dataset, cfg.data.batch_size // env.world_size, env.rank, env.world_size, cfg.seed,
+            cfg.data.num_workers, shuffle=False,
+        )  # fmt: skip
+    except ValueError as e:
+        raise SamplingError(f"data.batch_size={cfg.data.batch_size}: {e}") from None
+    if cfg.num_batches < 0 or cfg.num_batches > loader.batches_per_epoch:
+        raise SamplingError(
+            f"num_batches={cfg.num_batches}: the dataset holds {loader.batches_per_epoch} batches of "
+            f"{cfg.data.batch_size}; use 1..{loader.batches_per_epoch}, or 0 for all of them"
+        )
+    return loader, cfg.num_batches or loader.batches_per_epoch
+
+
+def _evaluate(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict | None:
+    if cfg.seed < 0:
+        raise SamplingError(f"seed={cfg.seed}: must be >= 0")
+    hw = build(cfg.hardware, local_rank=env.local_rank)
+    model, diffusion, info = load_model(cfg)
+    loader, num_batches = _loader(cfg, _dataset(cfg, model), env)
+    model = hw.prepare_model(model)
+    log.info("bits/dim of %s on %d batches of %d, %d terms each", cfg.checkpoint, num_batches,
+             cfg.data.batch_size, diffusion.num_timesteps)  # fmt: skip
+    with hw.autocast():
+        ours = bits_per_dim(
+            model, diffusion, itertools.islice(iter(loader), num_batches), hw.device, cfg.seed, env.rank,
+            cfg.clip_denoised,
+        )  # fmt: skip
+    ours["index"] = loader.shard_indices(0)[: len(ours["total_bpd"])]
+    gathered = all_gather_object(ours)
+    if not env.is_main:
+        return None
+    merged = {k: np.concatenate([g[k] for g in gathered]) for k in ours}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(run_dir / "nll.npz", **merged)
+    summary = {
+        "total_bpd": float(merged["total_bpd"].mean()),
+        "prior_bpd": float(merged["prior_bpd"].mean()),
+        "num_images": len(merged["total_bpd"]),
+        "num_terms": diffusion.num_timesteps,
+        "step": info["step"],
+    }
+    log.info("total_bpd=%.6f prior_bpd=%.6f over %d images (%d terms; checkpoint step %s) -> %s",
+             summary["total_bpd"], summary["prior_bpd"], summary["num_images"], summary["num_terms"],
+             summary["step"], run_dir / "nll.npz")  # fmt: skip
+    return summary
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from diffusion.config import register_configs, register_resolvers
+
+    register_configs()
+    register_resolvers()
+    register_nll_config()
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="nll", version_base="1.3")
+    def run(cfg: DictConfig) -> None:
+        exit_on_bad_request(lambda: evaluate(cfg, HydraConfig.get().runtime.output_dir))
+
+    run()
+
+
+if __name__ == "__main__":
+    main()
