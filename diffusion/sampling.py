@@ -129,7 +129,9 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, object, dict]:
         )
         raise SamplingError(f"{cfg.checkpoint} does not fit the chosen model: {problem}. {hint}")
     # The meta-device network takes the loaded tensors as they are: no random initialisation to throw away.
+    # Weights stay fp32 whatever the file holds; the hardware group's autocast decides the compute precision.
     model.load_state_dict(weights, strict=True, assign=True)
+    model.float()
     diffusion = build(diffusion_cfg)
     expected = model.in_channels * (2 if diffusion.learns_sigma else 1)
     if model.out_channels != expected:

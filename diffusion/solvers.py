@@ -4,8 +4,9 @@ Every solver is a small class built from the ``solver`` config group and called 
 
     solver(model, diffusion, x_T, model_kwargs=None, noise=None, progress=False) -> x_0
 
-``diffusion`` is the process the model was trained with (any number of steps); each solver respaces it for its own
-step count, and the respaced process calls the network with the original timestep indices. ``noise(k)`` returns
+``diffusion`` is the process the model was trained with (any number of steps); each solver picks ``steps`` of its
+timesteps (DDPM and DDIM by guided-diffusion's respacing, DPM-Solver++ evenly in log-SNR) and calls the network
+with the original timestep indices. ``noise(k)`` returns
 the fresh Gaussian noise a stochastic solver needs at its k-th step; it is called once per step, in order.
 
 The network may predict epsilon, x0 or v (the process converts); learned-variance channels are used by the
@@ -35,8 +36,9 @@ class Solver:
     :param clip_denoised: clamp the predicted x_0 to [-1, 1] at every step, as the reference does.
     """
 
-    # How the kept timesteps are chosen: guided-diffusion's respacing string for ``steps`` (see space_timesteps).
-    spacing = "{}"
+    # Which timesteps a respacing solver keeps: guided-diffusion's respacing string for ``steps``
+    # (see space_timesteps); "{}" spaces them evenly, the first and the last included.
+    respacing = "{}"
 
     def __init__(self, steps: int, clip_denoised: bool = True) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
@@ -47,7 +49,7 @@ class Solver:
     def respaced(self, diffusion: GaussianDiffusion) -> GaussianDiffusion:
         """``diffusion`` respaced to ``steps``; ValueError naming solver.steps when the spacing cannot meet it."""
         try:
-            return diffusion.respace(self.spacing.format(self.steps))
+            return diffusion.respace(self.respacing.format(self.steps))
         except ValueError as e:
             raise ValueError(
                 f"solver.steps={self.steps} cannot be met on the model's {diffusion.original_num_steps}-step "
@@ -121,7 +123,7 @@ class DDIM(Solver):
     ``steps`` of them (guided-diffusion's "ddimN" respacing), so not every count is possible.
     """
 
-    spacing = "ddim{}"
+    respacing = "ddim{}"
 
     def __init__(self, steps: int = 50, eta: float = 0.0, clip_denoised: bool = True) -> None:
         if eta < 0:

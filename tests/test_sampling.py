@@ -179,6 +179,15 @@ def test_plain_state_dict_samples_with_model_and_diffusion_presets(plain_files, 
     assert set(read_npz(sample(uncond, tmp_path / "u"))) == {"arr_0"}  # no labels for an unconditional model
 
 
+def test_half_precision_files_load_as_fp32_weights(plain_files, tmp_path):
+    half = {k: v.half() for k, v in torch.load(plain_files["cond"], weights_only=True).items()}
+    torch.save(half, tmp_path / "half.pt")
+    model, _, _ = load_model(sample_cfg(f"checkpoint={tmp_path / 'half.pt'}", "model=unet_digits", *TINY_MODEL,
+                                        "diffusion=adm"))  # fmt: skip
+    for name, value in model.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, half[name].float()), name
+
+
 @pytest.mark.parametrize(
     "release, presets",
     [
