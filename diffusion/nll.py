@@ -30,7 +30,7 @@ from diffusion.config import LOADER_KEYS
 from diffusion.data import InfiniteLoader
 from diffusion.distributed import DistEnv, all_gather_object, cleanup_distributed, init_distributed
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from diffusion.sampling import SamplingError, build, exit_on_bad_request, load_model
+from diffusion.sampling import SamplingError, build, check_complete, exit_on_bad_request, load_model
 from diffusion.solvers import derived_seed
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ def _loader(cfg: DictConfig, dataset, env: DistEnv) -> tuple[InfiniteLoader, int
 
 
 def _evaluate(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict | None:
+    check_complete(cfg)
     if cfg.seed < 0:
         raise SamplingError(f"seed={cfg.seed}: must be >= 0")
     hw = build(cfg.hardware, local_rank=env.local_rank)

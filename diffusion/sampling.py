@@ -162,8 +162,30 @@ def class_labels(cfg: DictConfig, model: torch.nn.Module) -> torch.Tensor | None
     return torch.tensor(base).repeat(cfg.num_samples // len(base) + 1)[: cfg.num_samples]
 
 
+def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    # OmegaConf.missing_keys resolves interpolations, and data.image_size points at a model that a project
+    # checkpoint only supplies later; this walk reads no interpolation.
+    found = []
+    for key in node:
+        if OmegaConf.is_missing(node, key):
+            found.append(f"{prefix}{key}")
+        elif not OmegaConf.is_interpolation(node, key) and OmegaConf.is_dict(node[key]):
+            found += _missing_keys(node[key], f"{prefix}{key}.")
+    return found
+
+
+def check_complete(cfg: DictConfig) -> None:
+    """SamplingError naming the first required value (``???`` in the config) that was not given."""
+    missing = sorted(_missing_keys(cfg))
+    if missing:
+        raise SamplingError(
+            f"missing required value {missing[0]}: set it on the command line, e.g. {missing[0]}=..."
+        )
+
+
 def check_request(cfg: DictConfig) -> None:
     """The checks that need no checkpoint."""
+    check_complete(cfg)
     for key, minimum in [("num_samples", 1), ("batch_size", 1), ("grid_max", 1), ("seed", 0)]:
         if cfg[key] < minimum:
             raise SamplingError(f"{key}={cfg[key]}: must be >= {minimum}")

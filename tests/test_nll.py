@@ -79,6 +79,7 @@ def test_seed_changes_the_noise_and_nothing_else(checkpoint, tmp_path):
         (["data.image_size=16"], "data.image_size=16 but the model takes 8 px images"),
         (["seed=-3"], "seed=-3: must be >= 0"),
         (["model=unet_digits"], "carries its own model and diffusion config"),
+        (["data=image_folder"], "missing required value data.dir"),
     ],
 )
 def test_bad_requests(checkpoint, tmp_path, overrides, message):

@@ -285,6 +285,11 @@ def test_bad_project_requests(project_ckpt, tmp_path, no_sampling, overrides, me
     assert not (tmp_path / "samples.npz").exists()
 
 
+def test_a_missing_checkpoint_value_is_named(tmp_path, no_sampling):
+    with pytest.raises(SamplingError, match="missing required value checkpoint: set it on the command line"):
+        sample(sample_cfg(), tmp_path)
+
+
 def test_plain_state_dict_without_presets_says_which_flags_to_add(plain_files, tmp_path, no_sampling):
     with pytest.raises(SamplingError, match="plain state dict .* e.g. model=unet_256 diffusion=adm"):
         sample(sample_cfg(f"checkpoint={plain_files['cond']}"), tmp_path)
