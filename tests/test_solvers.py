@@ -369,6 +369,8 @@ def test_same_seed_gives_the_same_images_in_batches_of_4_and_16(tiny_unet, solve
             for b in range(0, 16, 4)
         ]
     )
-    np.testing.assert_array_equal(to_uint8(quarters), to_uint8(whole))
-    torch.testing.assert_close(quarters, whole, rtol=0, atol=1e-5)
+    # The noise is the same bit for bit; the network's CPU kernels may round differently for another batch
+    # shape (seen: up to 1e-4 with one thread), which can move a pixel across a uint8 rounding boundary.
+    torch.testing.assert_close(quarters, whole, rtol=0, atol=1e-3)
+    assert np.abs(to_uint8(quarters).astype(int) - to_uint8(whole)).max() <= 1
     assert whole.std(dim=0).mean() > 0.05  # the images differ from each other
