@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 train: install
 	$(PY) train.py experiment=digits hydra.run.dir=outputs/digits
-	$(PY) sample.py checkpoint=outputs/digits/checkpoints/latest.pt num_samples=100 hydra.run.dir=outputs/digits/sample
+	$(PY) sample.py checkpoint=outputs/digits/checkpoints/latest.pt num_samples=100 batch_size=100 hydra.run.dir=outputs/digits/sample
 	$(PY) -m diffusion.evaluate outputs/digits/sample/samples.npz
 
 test: install

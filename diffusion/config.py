@@ -139,6 +139,7 @@ class HardwareConfig:
     compile: bool = False
     channels_last: bool = False
     fused_optimizer: bool = True
+    num_threads: int | None = None  # CPU intra-op threads; null = torch's default
 
 
 @dataclass

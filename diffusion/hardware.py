@@ -22,6 +22,8 @@ class Hardware:
     :param compile: wrap the model in ``torch.compile``.
     :param channels_last: keep activations in NHWC layout.
     :param fused_optimizer: ask the optimizer for its fused kernel (one launch for all parameters).
+    :param num_threads: CPU threads for intra-op parallelism (None: torch's default, one per core). On a
+        shared or small CPU one thread can be several times faster than two fighting for the same cores.
     :param local_rank: the process's GPU on this node, passed at run time.
     """
 
@@ -33,12 +35,19 @@ class Hardware:
         compile: bool = False,
         channels_last: bool = False,
         fused_optimizer: bool = True,
+        num_threads: int | None = None,
         local_rank: int = 0,
     ) -> None:
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"hardware.device={device!r}: use auto, cpu or cuda")
         if precision not in ("auto", *PRECISIONS):
             raise ValueError(f"hardware.precision={precision!r}: use auto, fp32, bf16 or fp16")
+        if num_threads is not None:
+            if num_threads < 1:
+                raise ValueError(
+                    f"hardware.num_threads={num_threads}: must be >= 1 (or null for torch's default)"
+                )
+            torch.set_num_threads(num_threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
