@@ -18,11 +18,13 @@ $(VENV)/.installed: pyproject.toml
 
 train: install
 	$(PY) train.py experiment=digits hydra.run.dir=outputs/digits
-	$(PY) sample.py checkpoint=outputs/digits/checkpoints/latest.pt num_samples=100 batch_size=100 hydra.run.dir=outputs/digits/sample
+	$(PY) sample.py checkpoint=outputs/digits/checkpoints/latest.pt num_samples=100 batch_size=100 solver=dpm_solver hydra.run.dir=outputs/digits/sample
 	$(PY) -m diffusion.evaluate outputs/digits/sample/samples.npz
 
+# One thread per process: the tests run small networks and start several processes at once, and on two
+# cores two threads per process mostly wait for each other.
 test: install
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 bench: install
 	$(PY) benchmarks/bench.py

@@ -182,6 +182,7 @@ class DDPMSolverConfig(SolverConfig):
 class DPMSolverConfig(SolverConfig):
     _target_: str = "diffusion.solvers.DPMSolverPP"
     steps: int = 20
+    spacing: str = "logsnr"  # logsnr | time: where the steps go (evenly in log-SNR suits the linear schedule)
 
 
 @dataclass
