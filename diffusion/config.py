@@ -209,22 +209,34 @@ class TrainConfig:
 
 
 @dataclass
-class SampleConfig:
-    model: Any = (
-        None  # only for plain state-dict files (OpenAI's releases); a project checkpoint knows its own
-    )
+class CheckpointJobConfig:
+    """What sample.py and the bits/dim evaluation share: a checkpoint and how to run its network."""
+
+    # model and diffusion only for plain state-dict files (OpenAI's releases); a project checkpoint knows its own
+    model: Any = None
     diffusion: Any = None
-    solver: Any = MISSING
     hardware: Any = MISSING
     checkpoint: str = MISSING
-    num_samples: int = 64
-    batch_size: int = 16
     seed: int = 0
-    classes: list[int] | None = None  # default: spread evenly over all classes
-    guidance_scale: float = 1.0
     use_ema: bool = True
     ema_rate: float | None = None  # which EMA; default the first of the checkpoint's rates
+
+
+@dataclass
+class SampleConfig(CheckpointJobConfig):
+    solver: Any = MISSING
+    num_samples: int = 64
+    batch_size: int = 16
+    classes: list[int] | None = None  # default: spread evenly over all classes
+    guidance_scale: float = 1.0
     grid_max: int = 100  # at most this many images in grid.png
+
+
+@dataclass
+class NLLConfig(CheckpointJobConfig):
+    data: Any = MISSING
+    num_batches: int = 0  # global batches of data.batch_size to evaluate; 0 = one pass over the dataset
+    clip_denoised: bool = True
 
 
 def register_configs() -> None:
@@ -232,6 +244,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(name="nll_schema", node=NLLConfig)
     for group, name, node in [
         ("model", "base_unet", UNetConfig),
         ("diffusion", "base_diffusion", DiffusionConfig),

@@ -17,14 +17,11 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from diffusion.config import LOADER_KEYS
 from diffusion.data import InfiniteLoader
@@ -36,27 +33,6 @@ from diffusion.solvers import derived_seed
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TERMS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")
-
-
-@dataclass
-class NLLConfig:
-    model: Any = (
-        None  # only for plain state-dict files (OpenAI's releases); a project checkpoint knows its own
-    )
-    diffusion: Any = None
-    data: Any = MISSING
-    hardware: Any = MISSING
-    checkpoint: str = MISSING
-    num_batches: int = 0  # global batches of data.batch_size to evaluate; 0 = one pass over the dataset
-    clip_denoised: bool = True
-    use_ema: bool = True
-    ema_rate: float | None = None  # which EMA; default the first of the checkpoint's rates
-    seed: int = 0
-
-
-def register_nll_config() -> None:
-    """Store ``nll_schema`` (the first entry of ``conf/nll.yaml``'s defaults) in Hydra's ConfigStore."""
-    ConfigStore.instance().store(name="nll_schema", node=NLLConfig)
 
 
 def batch_generator(seed: int, rank: int, batch: int) -> torch.Generator:
@@ -180,7 +156,6 @@ def main() -> None:
 
     register_configs()
     register_resolvers()
-    register_nll_config()
 
     @hydra.main(config_path=str(CONF_DIR), config_name="nll", version_base="1.3")
     def run(cfg: DictConfig) -> None:

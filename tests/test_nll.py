@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from diffusion.data import Digits
-from diffusion.nll import batch_generator, evaluate, register_nll_config
+from diffusion.nll import batch_generator, evaluate
 from diffusion.sampling import SamplingError, load_model
 from diffusion.training import train
 
 from conftest import PYTHON, ROOT, compose_cfg, tiny_cfg
 
-register_nll_config()
 STEPS = 5  # terms of the bound = network calls per batch; the cosine schedule caps its betas, so 5 is fine
 
 
