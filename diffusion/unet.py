@@ -57,6 +57,23 @@ class GroupNorm32(nn.GroupNorm):
         return out.to(x.dtype)
 
 
+class Dropout(nn.Dropout):
+    """
+    nn.Dropout with the mask drawn by ``rand_like`` and thresholded and scaled in place on the CPU.
+
+    F.dropout's CPU path draws its mask with ``bernoulli_`` on one thread, then divides and multiplies in separate
+    passes; ``rand_like`` runs on every thread and the mask reuses its buffer, which makes forward + backward about
+    2x faster at unet_32's sizes. Same distribution, another random stream; other devices keep the fused kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:param x: a Tensor of any shape; returns the same shape."""
+        if not self.training or x.device.type != "cpu" or not 0.0 < self.p < 1.0:
+            return super().forward(x)
+        keep_scaled = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # 0 or 1/(1-p)
+        return x * keep_scaled
+
+
 def _norm(channels: int) -> GroupNorm32:
     return GroupNorm32(NORM_GROUPS, channels)
 
@@ -157,7 +174,7 @@ class ResBlock(TimestepBlock):
         self.out_layers = nn.Sequential(
             _norm(out_channels),
             nn.SiLU(),
-            nn.Dropout(p=dropout),
+            Dropout(p=dropout),
             _zeroed(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         if out_channels == channels:
@@ -241,14 +258,21 @@ class AttentionBlock(nn.Module):
         return x + F.conv2d(a, self.proj_out.weight[..., None], self.proj_out.bias)
 
     def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        :param qkv: the [N x 3C x H x W] output of the qkv projection.
+        :return: q, k, v, each [N x heads x HW x d] with the last dimension contiguous, which SDPA's fused
+            kernels need (with a strided one, CPU and CUDA fall back to the O(HW^2)-memory math path).
+        """
         n, three_c, _, _ = qkv.shape
         d = three_c // (3 * self.num_heads)
-        tokens = qkv.flatten(2)  # (N, 3C, HW), a view for both contiguous and channels_last
+        # (N, HW, 3C): a free view of a channels_last tensor, one copy of a contiguous one. Its gradient comes
+        # back in the same layout, so the projection's backward needs no further copy.
+        tokens = qkv.flatten(2).transpose(1, 2).contiguous()
         if self.use_new_attention_order:
-            q, k, v = tokens.view(n, 3, self.num_heads, d, -1).unbind(1)
+            q, k, v = tokens.view(n, -1, 3, self.num_heads, d).unbind(2)
         else:
-            q, k, v = tokens.view(n, self.num_heads, 3, d, -1).unbind(2)
-        return q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
+            q, k, v = tokens.view(n, -1, self.num_heads, 3, d).unbind(3)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 def _merge_heads(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
