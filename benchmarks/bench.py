@@ -532,12 +532,15 @@ def lever_row(name: str, lever: str, device: torch.device, plan: Plan) -> dict:
     batch = plan.batches.get(name, DEFAULT_BATCH)
     base = build_train(cfg, batch)
     variant = build_train(model_config(plan, name, overrides), batch, **kwargs)
-    for _ in range(max(plan.steps.warmup, 1 if lever == "compile" else 0)):
-        train_step(base), train_step(variant)
-    base_times, variant_times = [], []
-    for _ in range(plan.steps.min_repeats):
+    base_times: list[float] = []
+    variant_times: list[float] = []
+
+    def pair() -> None:
         base_times.append(_timed(lambda: train_step(base), device))
         variant_times.append(_timed(lambda: train_step(variant), device))
+
+    time_calls(pair, device, plan.steps)
+    del base_times[: plan.steps.warmup], variant_times[: plan.steps.warmup]  # warm-up (and compilation)
     ratios = [b / v for b, v in zip(base_times, variant_times)]
     return {
         "section": "levers",
