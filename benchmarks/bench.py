@@ -1,21 +1,23 @@
 """`make bench`: how close a train step and a sampling step come to what this machine can do.
 
-    python benchmarks/bench.py [--quick] [--device cpu|cuda] [--models unet_digits unet_32 unet_64]
-                               [--batch unet_64=8] [--levers [NAME ...]] [--json PATH] [OVERRIDE ...]
+    python benchmarks/bench.py [--quick] [--device cpu|cuda] [--threads 2] [--models NAME ...]
+                               [--batch unet_64=8] [--levers [NAME ...]] [--skip SECTION ...]
+                               [--json PATH] [OVERRIDE ...]
 
 One run measures, in order:
 
-- the ceiling: fp32 matrix-multiply and 3x3-convolution rates (GFLOP/s) at unet_32's sizes;
-- the train step of each model (its conf/model preset composed with Hydra, as users run it): images/s, achieved
-  GFLOP/s (counted by ``torch.utils.flop_counter``), achieved / convolution ceiling, peak memory;
+- the ceiling: matrix-multiply and 3x3-convolution rates (GFLOP/s) at unet_32's sizes, in the precision the
+  hardware preset trains in (fp32 on the CPU, bf16 on GPUs);
+- the train step of each model (its conf/model preset composed with Hydra, as users run it): images/s,
+  achieved GFLOP/s (counted by ``torch.utils.flop_counter``), achieved / convolution ceiling, peak memory;
 - one sampling step (one model call) of each solver for unet_32: images/s;
 - data loading: images/s per DataLoader worker (benchmarks/data_bench.py).
 
 Every figure is the median of repeated timed runs after warm-up. The CPU is often shared, so the convolution
 ceiling is probed again before and after each train-step measurement and each model's ratio uses the probes
 around it; the load average is printed with the table. ``--levers`` adds A/B comparisons of each performance
-switch against the preset's default, timed alternately in one process. OVERRIDEs are Hydra overrides applied to
-every composed config (``hardware.channels_last=true``).
+switch against the preset's default, timed alternately in one process. OVERRIDEs are Hydra overrides applied
+to every composed config (``hardware.channels_last=true``).
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ CPU_ATTENTION_FLOPS = {
 
 @dataclass(frozen=True)
 class Repeats:
-    """How a figure is timed: untimed warm-up calls, then at least ``min_repeats`` calls and ``min_seconds``."""
+    """How a figure is timed: untimed warm-up calls, then at least ``min_repeats`` calls and ``min_seconds``
+    of timed calls (at most ``max_repeats``)."""
 
     warmup: int = 1
     min_repeats: int = 3
@@ -110,6 +113,7 @@ class Plan:
     batches: dict[str, int]
     overrides: list[str]
     levers: Sequence[str] = ()
+    dtype: torch.dtype = torch.float32  # the ceiling's precision: what the hardware preset trains in
     quick: bool = False
     steps: Repeats = Repeats()
     kernels: Repeats = KERNEL_REPEATS
@@ -122,7 +126,7 @@ class Plan:
 
     @classmethod
     def quick_plan(cls, **kwargs) -> Plan:
-        """One call of everything at toy sizes, without warm-up: checks that the script runs, measures nothing."""
+        """One call of everything at toy sizes, no warm-up: checks that the script runs, measures nothing."""
         kwargs["batches"] = {name: 2 for name in kwargs["models"]}
         return cls(
             **kwargs,
@@ -137,7 +141,7 @@ class Plan:
         )
 
 
-# --- timing --------------------------------------------------------------------------------------------------
+# --- timing -------------------------------------------------------------------------------------------------
 
 
 def synchronize(device: torch.device) -> None:
@@ -169,19 +173,19 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-# --- the ceiling ---------------------------------------------------------------------------------------------
+# --- the ceiling --------------------------------------------------------------------------------------------
 
 
 def conv_rate(device: torch.device, plan: Plan, memory_format: torch.memory_format) -> float:
     """
-    fp32 3x3 convolution forward rate over unet_32's levels, in GFLOP/s (total FLOPs / total median time).
+    3x3 convolution forward rate over unet_32's levels, in GFLOP/s (total FLOPs / total median time).
 
     :param memory_format: torch.contiguous_format (NCHW) or torch.channels_last (NHWC).
     """
     flops, seconds = 0, 0.0
     for channels, size in CONV_SHAPES:
-        x = torch.randn(plan.conv_batch, channels, size, size, device=device)
-        w = torch.randn(channels, channels, 3, 3, device=device)
+        x = torch.randn(plan.conv_batch, channels, size, size, device=device, dtype=plan.dtype)
+        w = torch.randn(channels, channels, 3, 3, device=device, dtype=plan.dtype)
         x, w = x.contiguous(memory_format=memory_format), w.contiguous(memory_format=memory_format)
         _, times = time_calls(lambda x=x, w=w: F.conv2d(x, w, padding=1), device, plan.kernels)
         flops += 2 * plan.conv_batch * channels * channels * 9 * size * size
@@ -195,19 +199,23 @@ def conv_ceiling(device: torch.device, plan: Plan) -> float:
 
 
 def matmul_rate(device: torch.device, plan: Plan) -> float:
-    """fp32 matrix-multiply rate (GFLOP/s) at ``plan.matmul_shape`` = (m, k, n)."""
+    """Matrix-multiply rate (GFLOP/s) at ``plan.matmul_shape`` = (m, k, n)."""
     m, k, n = plan.matmul_shape
-    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    a = torch.randn(m, k, device=device, dtype=plan.dtype)
+    b = torch.randn(k, n, device=device, dtype=plan.dtype)
     _, times = time_calls(lambda: a @ b, device, plan.kernels)
     return 2 * m * k * n / statistics.median(times) / 1e9
 
 
 def ceiling_rows(device: torch.device, plan: Plan) -> list[dict]:
     shapes = ", ".join(f"{c}ch@{s}px" for c, s in CONV_SHAPES)
+    precision = str(plan.dtype).removeprefix("torch.")
     rows = [
         {
             "section": "ceiling",
-            "kernel": "matmul fp32 {}x{} @ {}x{}".format(*plan.matmul_shape[:2], *plan.matmul_shape[1:]),
+            "kernel": "matmul {} {}x{} @ {}x{}".format(
+                precision, *plan.matmul_shape[:2], *plan.matmul_shape[1:]
+            ),
             "gflops": matmul_rate(device, plan),
         }
     ]
@@ -215,14 +223,14 @@ def ceiling_rows(device: torch.device, plan: Plan) -> list[dict]:
         rows.append(
             {
                 "section": "ceiling",
-                "kernel": f"conv3x3 fp32 {name} batch {plan.conv_batch} ({shapes})",
+                "kernel": f"conv3x3 {precision} {name} batch {plan.conv_batch} ({shapes})",
                 "gflops": conv_rate(device, plan, fmt),
             }
         )
     return rows
 
 
-# --- memory --------------------------------------------------------------------------------------------------
+# --- memory -------------------------------------------------------------------------------------------------
 
 
 class PeakMemory:
@@ -275,7 +283,7 @@ def _proc_status_kib(key: str) -> int:
     return int(match.group(1))
 
 
-# --- configs and the train step ------------------------------------------------------------------------------
+# --- configs and the train step -----------------------------------------------------------------------------
 
 
 def compose_config(overrides: Sequence[str]) -> DictConfig:
@@ -443,7 +451,7 @@ def train_row(name: str, device: torch.device, plan: Plan) -> dict:
     }
 
 
-# --- sampling ------------------------------------------------------------------------------------------------
+# --- sampling -----------------------------------------------------------------------------------------------
 
 
 def sampling_rows(device: torch.device, plan: Plan) -> list[dict]:
@@ -480,7 +488,7 @@ def sampling_rows(device: torch.device, plan: Plan) -> list[dict]:
     return rows
 
 
-# --- data loading --------------------------------------------------------------------------------------------
+# --- data loading -------------------------------------------------------------------------------------------
 
 
 def data_rows(plan: Plan) -> list[dict]:
@@ -495,7 +503,7 @@ def data_rows(plan: Plan) -> list[dict]:
         torch.set_num_threads(threads)
 
 
-# --- levers --------------------------------------------------------------------------------------------------
+# --- levers -------------------------------------------------------------------------------------------------
 
 
 def _flip(key: str) -> Callable[[DictConfig], tuple[str, list[str], dict]]:
@@ -554,7 +562,7 @@ def lever_row(name: str, lever: str, device: torch.device, plan: Plan) -> dict:
     }
 
 
-# --- the table -----------------------------------------------------------------------------------------------
+# --- the table ----------------------------------------------------------------------------------------------
 
 
 def _fmt(value, spec: str) -> str:
@@ -563,8 +571,9 @@ def _fmt(value, spec: str) -> str:
 
 def _train_line(r: dict) -> str:
     return (
-        f"  {r['model']:<12} {r['params_m']:7.1f}M {r['batch']:>5} {r['images_per_s']:8.2f} {r['step_s']:8.3f} "
-        f"{r['gflop_per_step']:10.1f} {r['gflops']:8.1f} {r['conv_ceiling_gflops']:8.1f} {r['of_ceiling']:8.0%} "
+        f"  {r['model']:<12} {r['params_m']:7.1f}M {r['batch']:>5} {r['images_per_s']:8.2f} "
+        f"{r['step_s']:8.3f} {r['gflop_per_step']:10.1f} {r['gflops']:8.1f} "
+        f"{r['conv_ceiling_gflops']:8.1f} {r['of_ceiling']:8.0%} "
         f"{_fmt(r['peak_memory_gb'], '8.2f')}G {r['first_step_s']:8.2f}s"
     )
 
@@ -617,7 +626,7 @@ def format_table(rows: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
-# --- entry point ---------------------------------------------------------------------------------------------
+# --- entry point --------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -658,7 +667,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     for lever in levers:
         if lever not in LEVERS:
             raise ValueError(f"--levers: unknown lever {lever!r}; choose from {', '.join(LEVERS)}")
-    kwargs = dict(device=args.device, models=args.models, overrides=args.overrides, levers=levers)
+    # hardware=cpu trains in fp32, hardware=gpu in bf16 autocast.
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    kwargs = dict(
+        device=args.device, models=args.models, overrides=args.overrides, levers=levers, dtype=dtype
+    )
     return Plan.quick_plan(**kwargs) if args.quick else Plan(batches=batches, **kwargs)
 
 
@@ -692,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         rows = run(plan, args.skip, report=lambda text: print(text, file=sys.stderr, flush=True))
     header = (
         f"make bench: torch {torch.__version__}, {plan.device}, {args.threads} threads, "
-        f"{'bf16 autocast' if plan.device == 'cuda' else 'fp32'}, {os.cpu_count()} cores, load average "
+        f"{str(plan.dtype).removeprefix('torch.')}, {os.cpu_count()} cores, load average "
         f"{load_start:.1f} -> {os.getloadavg()[0]:.1f}{' (--quick: not a measurement)' if plan.quick else ''}"
     )
     print(format_table(rows, header))

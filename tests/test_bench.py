@@ -32,7 +32,8 @@ def one_thread():
 
 def tiny_setup(*overrides: str, **kwargs) -> bench.TrainSetup:
     """The tiny digits network with the same random weights for every variant and no zero-initialised layer
-    (the zero output convolution would leave every other gradient zero, and Adam would amplify the rounding)."""
+    (the zero output convolution would leave every other gradient zero, and Adam would amplify the
+    rounding)."""
     s = bench.build_train(compose_cfg([*TINY, *overrides]), batch=4, **kwargs)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -44,7 +45,7 @@ def tiny_setup(*overrides: str, **kwargs) -> bench.TrainSetup:
     return s
 
 
-# --- what the table counts -------------------------------------------------------------------------------------
+# --- what the table counts ----------------------------------------------------------------------------------
 
 
 def test_conv_flops_are_forward_plus_two_backward_products():
@@ -92,7 +93,7 @@ def test_train_step_updates_weights_and_ema_as_the_engine(one_thread):
         assert torch.allclose(after, before + 0.9 * (new.detach() - before), atol=1e-7)
 
 
-# --- the levers -----------------------------------------------------------------------------------------------
+# --- the levers ---------------------------------------------------------------------------------------------
 
 
 def losses_after_two_steps(s: bench.TrainSetup) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +111,8 @@ def test_levers_change_speed_not_results(lever, one_thread):
     base = tiny_setup()
     label, overrides, kwargs = bench.LEVERS[lever](base.cfg)
     assert label and (overrides or kwargs)
-    # Losses, not weights: a bias in front of a GroupNorm gets a rounding-noise gradient that Adam scales up to a
-    # full step, without any effect on the function.
+    # Losses, not weights: a bias in front of a GroupNorm gets a rounding-noise gradient that Adam scales up
+    # to a full step, without any effect on the function.
     for ours, theirs in zip(
         losses_after_two_steps(base), losses_after_two_steps(tiny_setup(*overrides, **kwargs))
     ):
@@ -171,7 +172,7 @@ def test_attention_heads_reach_sdpa_with_contiguous_last_dim(new_order, monkeypa
     assert seen == [(1, 1, 1), (1, 1, 1)]
 
 
-# --- the script -----------------------------------------------------------------------------------------------
+# --- the script ---------------------------------------------------------------------------------------------
 
 
 def test_quick_run_reports_every_part(tmp_path):
