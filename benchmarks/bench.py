@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from diffusion.config import register_configs, register_resolvers  # noqa: E402
 from diffusion.loggers import LossTracker  # noqa: E402
-from diffusion.training import build_model, update_ema  # noqa: E402
+from diffusion.training import build_model, draw_for_batch, optimizer_step, update_ema  # noqa: E402
 from diffusion.unet import AttentionBlock  # noqa: E402
 
 THREADS = 2
@@ -364,10 +364,7 @@ def build_train(cfg: DictConfig, batch: int, use_sdpa: bool = True, ema_update: 
 
 def losses(s: TrainSetup, net: Callable) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """The engine's loss: timesteps and noise keyed by the step, hybrid loss weighted by the sampler."""
-    n, device = s.x.shape[0], s.hw.device
-    g = torch.Generator(device).manual_seed(s.cfg.seed * 1_000_003 + s.step)
-    t, w = s.sampler.sample(n, device, generator=g)
-    noise = torch.randn(s.x.shape, generator=g, device=device)
+    t, w, noise = draw_for_batch(s.sampler, tuple(s.x.shape), s.hw.device, s.cfg.seed, s.step)
     kwargs = {"y": s.y} if s.y is not None else {}
     with s.hw.autocast():
         terms = s.diffusion.training_losses(net, s.x, t, model_kwargs=kwargs, noise=noise)
@@ -381,10 +378,7 @@ def train_step(s: TrainSetup) -> None:
     s.scaler.scale(loss).backward()
     s.sampler.update_with_losses(t, terms["loss"].detach())
     s.tracker.add({k: v.detach() for k, v in terms.items()}, s.diffusion.original_timesteps(t))
-    s.scaler.unscale_(s.optimizer)
-    torch.nn.utils.clip_grad_norm_(s.model.parameters(), math.inf, foreach=True)
-    s.scaler.step(s.optimizer)
-    s.scaler.update()
+    optimizer_step(s.model, s.optimizer, s.scaler, math.inf)
     s.ema_update(s.ema_models, s.model, s.step, s.cfg.optim.ema_warmup)
     s.step += 1
 

@@ -124,6 +124,27 @@ def lr_lambda(warmup_steps: int, anneal_steps: int):
     return factor
 
 
+def draw_for_batch(sampler, shape: tuple, device: torch.device, seed: int, step: int):
+    """Timesteps, importance weights and noise for a whole global batch of ``shape``, from a generator keyed by
+    (seed, step): a run's randomness then depends neither on the number of ranks nor on micro-batching, and
+    needs no state to resume. Returns (t [N], weights [N], noise [N x C x H x W])."""
+    g = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+    t, weights = sampler.sample(shape[0], device, generator=g)
+    return t, weights, torch.randn(shape, generator=g, device=device)
+
+
+def optimizer_step(model: torch.nn.Module, optimizer, scaler, max_norm: float) -> torch.Tensor:
+    """Unscale, clip to ``max_norm`` (inf: measure only) and step; returns the gradient norm, on the device.
+
+    The scaler skips the step on the device when a gradient is not finite (no host synchronisation).
+    """
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+    scaler.step(optimizer)
+    scaler.update()
+    return grad_norm
+
+
 @torch.no_grad()
 def update_ema(ema_models: dict, model: torch.nn.Module, step: int, warmup: bool) -> None:
     """EMA <- lerp(EMA, model, 1 - decay) for every rate, with one foreach kernel per rate."""
@@ -316,12 +337,11 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if hw.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            # Timesteps and noise are drawn for the whole global batch from a generator keyed by (seed, step);
-            # rank r's k-th example is the global batch's example r + k * world_size (the loader's sharding).
-            # So a run's randomness does not depend on the number of ranks or micro-batches, and needs no state.
-            g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-            t_all, w_all = sampler.sample(cfg.data.batch_size, device, generator=g)
-            noise_all = torch.randn((cfg.data.batch_size, *x.shape[1:]), generator=g, device=device)
+            # Drawn for the whole global batch; rank r's k-th example is the global batch's example
+            # r + k * world_size (the loader's sharding), so each rank takes its slice.
+            t_all, w_all, noise_all = draw_for_batch(
+                sampler, (cfg.data.batch_size, *x.shape[1:]), device, cfg.seed, step
+            )
             mine = slice(env.rank, None, env.world_size)
             t_mine, w_mine, noise_mine = t_all[mine], w_all[mine], noise_all[mine]
             optimizer.zero_grad(set_to_none=True)
@@ -340,11 +360,8 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
                     scaler.scale(loss).backward()
                 sampler.update_with_losses(t, terms["loss"].detach())
                 tracker.add({k: v.detach() for k, v in terms.items()}, diffusion.original_timesteps(t))
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+            grad_norm = optimizer_step(model, optimizer, scaler, max_norm)
             finite = torch.isfinite(grad_norm)
-            scaler.step(optimizer)  # skipped, on the device, when a gradient is not finite
-            scaler.update()
             scheduler.step()
             update_ema(ema_models, model, step, cfg.optim.ema_warmup)  # a skipped step leaves params finite
             skipped += (~finite).long()
