@@ -42,7 +42,6 @@ def test_two_ranks_share_one_run_directory_and_match_one_process(tmp_path):
     run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'single'}")
     two = load_ckpt(run / "checkpoints/latest.pt")
     one = load_ckpt(tmp_path / "single/checkpoints/latest.pt")
-    init = torch.manual_seed(0)  # noqa: F841 - both runs start from the weights seeded by seed=0 on rank 0
     # With SGD and lr=1 a parameter's update is minus its gradient: compare the updates.
     for k in one["model"]:
         a, b = one["model"][k], two["model"][k]
