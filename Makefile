@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The torch pair this machine installs from its own disk; users' clusters bring their own.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install train sample test bench lint clean
+.PHONY: install train sample test bench bench-gpu lint clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,13 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench.py
+
+# On one GPU: ADM's ImageNet 64 and 128 models at per-GPU batches of the paper's global batches (2048 and 256
+# spread over 32 and 8 GPUs); MFU against the H100 SXM's dense bf16 peak (set PEAK_TFLOPS for other cards).
+PEAK_TFLOPS ?= 989
+bench-gpu: install
+	$(PY) benchmarks/bench.py --device cuda --models unet_64 unet_128 --batch unet_64=64 unet_128=32 \
+		--skip data --seconds 3 --peak-tflops $(PEAK_TFLOPS) --levers channels_last sdpa optimizer_foreach compile
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

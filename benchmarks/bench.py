@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py [--quick] [--device cpu|cuda] [--threads 2] [--models NAME ...]
                                [--batch unet_64=8] [--levers [NAME ...]] [--skip SECTION ...]
-                               [--json PATH] [OVERRIDE ...]
+                               [--seconds 10] [--warmup 1] [--json PATH] [OVERRIDE ...]
 
 One run measures, in order:
 
@@ -52,13 +52,15 @@ sys.path.insert(0, str(ROOT))
 from diffusion.config import register_configs, register_resolvers  # noqa: E402
 from diffusion.loggers import LossTracker  # noqa: E402
 from diffusion.training import build_model, draw_for_batch, optimizer_step, update_ema  # noqa: E402
-from diffusion.unet import AttentionBlock  # noqa: E402
 
 THREADS = 2
 MODELS = ("unet_digits", "unet_32", "unet_64")
 # Per-device batch of each train-step row; other presets default to DEFAULT_BATCH.
 TRAIN_BATCH = {"unet_digits": 64, "unet_32": 32, "unet_64": 4}
 DEFAULT_BATCH = 4
+# Hardware switches a preset's recipe sets on top of the hardware preset: conf/experiment/digits.yaml turns
+# channels_last off for the digits network (measured slower there), so its row runs as `make train` does.
+RECIPE_HARDWARE = {"unet_digits": ["hardware.channels_last=false"]}
 SAMPLE_MODEL, SAMPLE_BATCH = "unet_32", 32
 SOLVERS = ("ddpm", "ddim", "dpm_solver")
 SAMPLE_STEPS = 2  # model calls per timed solver run (respacing keeps at least 2 steps)
@@ -123,6 +125,7 @@ class Plan:
     sample_steps: int = SAMPLE_STEPS
     data_images: int = DATA_IMAGES
     model_overrides: list[str] = field(default_factory=list)
+    peak_tflops: float | None = None  # the device's datasheet peak in the training precision, for MFU
 
     @classmethod
     def quick_plan(cls, **kwargs) -> Plan:
@@ -293,9 +296,9 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
 
 
 def model_config(plan: Plan, model: str, extra: Sequence[str] = ()) -> DictConfig:
-    hardware = "hardware=gpu" if plan.device == "cuda" else "hardware=cpu"
+    hardware = ["hardware=gpu" if plan.device == "cuda" else "hardware=cpu", *RECIPE_HARDWARE.get(model, [])]
     return compose_config(
-        [f"model={model}", hardware, "logger=none", *plan.model_overrides, *plan.overrides, *extra]
+        [f"model={model}", *hardware, "logger=none", *plan.model_overrides, *plan.overrides, *extra]
     )
 
 
@@ -319,12 +322,8 @@ class TrainSetup:
     step: int = 0
 
 
-def build_train(cfg: DictConfig, batch: int, use_sdpa: bool = True, ema_update: Callable = update_ema):
-    """
-    A model, its EMA, optimizer and a fixed batch of ``batch`` random images, from a composed train config.
-
-    :param use_sdpa: False switches every attention block to the plain formula (the SDPA lever).
-    """
+def build_train(cfg: DictConfig, batch: int, ema_update: Callable = update_ema):
+    """A model, its EMA, optimizer and a fixed batch of ``batch`` random images, from a composed train config."""
     hw = instantiate(cfg.hardware)
     diffusion = instantiate(cfg.diffusion)
     m = cfg.model
@@ -332,9 +331,6 @@ def build_train(cfg: DictConfig, batch: int, use_sdpa: bool = True, ema_update: 
         image_size=m.image_size, channels=m.in_channels, num_classes=m.num_classes if m.class_cond else 0
     )
     model, _ = build_model(cfg, data, diffusion)
-    for block in model.modules():
-        if isinstance(block, AttentionBlock):
-            block.use_sdpa = use_sdpa
     model = hw.prepare_model(model).train()
     ema_models = {float(r): copy.deepcopy(model).requires_grad_(False).eval() for r in cfg.optim.ema_rates}
     opt_kwargs = {"fused": True} if hw.fused_optimizer else {}
@@ -442,6 +438,7 @@ def train_row(name: str, device: torch.device, plan: Plan) -> dict:
         "peak_memory_gb": None if memory.bytes is None else memory.bytes / 2**30,
         "first_step_s": first,
         "repeats": len(times),
+        "mfu": None if plan.peak_tflops is None else flops / seconds / 1e12 / plan.peak_tflops,
     }
 
 
@@ -449,10 +446,11 @@ def train_row(name: str, device: torch.device, plan: Plan) -> dict:
 
 
 def sampling_rows(device: torch.device, plan: Plan) -> list[dict]:
-    """Images/s of one model call of each solver on the sampling model (eval mode, no gradients)."""
+    """Images/s of one model call of each solver on the sampling model (eval mode, no gradients, not compiled:
+    as sample.py runs it)."""
     cfg = model_config(plan, SAMPLE_MODEL)
     s = build_train(cfg, plan.sample_batch)
-    model = s.train_model
+    model = s.model
     s.model.eval()
     x_T = torch.randn_like(s.x)
     kwargs = {"y": s.y} if s.y is not None else {}
@@ -502,7 +500,7 @@ def data_rows(plan: Plan) -> list[dict]:
 
 def _flip(key: str) -> Callable[[DictConfig], tuple[str, list[str], dict]]:
     def variant(cfg: DictConfig) -> tuple[str, list[str], dict]:
-        value = not cfg.hardware[key]
+        value = not getattr(instantiate(cfg.hardware), key)  # the preset's value as resolved on this device
         return f"{key}={value}", [f"hardware.{key}={value}"], {}
 
     return variant
@@ -512,7 +510,7 @@ def _flip(key: str) -> Callable[[DictConfig], tuple[str, list[str], dict]]:
 LEVERS: dict[str, Callable[[DictConfig], tuple[str, list[str], dict]]] = {
     "channels_last": _flip("channels_last"),
     "compile": _flip("compile"),
-    "sdpa": lambda cfg: ("plain attention (no SDPA)", [], {"use_sdpa": False}),
+    "sdpa": lambda cfg: ("plain attention (no SDPA)", ["model.use_sdpa=false"], {}),
     "optimizer_foreach": lambda cfg: (
         "AdamW foreach (not fused)",
         ["hardware.fused_optimizer=false", "+optim.optimizer.foreach=true"],
@@ -569,6 +567,7 @@ def _train_line(r: dict) -> str:
         f"{r['step_s']:8.3f} {r['gflop_per_step']:10.1f} {r['gflops']:8.1f} "
         f"{r['conv_ceiling_gflops']:8.1f} {r['of_ceiling']:8.0%} "
         f"{_fmt(r['peak_memory_gb'], '8.2f')}G {r['first_step_s']:8.2f}s"
+        + ("" if r.get("mfu") is None else f"  MFU {r['mfu']:.0%}")
     )
 
 
@@ -644,7 +643,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--levers", nargs="*", default=None, metavar="LEVER", help=f"A/B levers ({', '.join(LEVERS)}; all)"
     )
     parser.add_argument("--threads", type=int, default=THREADS, help="intra-op CPU threads")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=Repeats.min_seconds,
+        help="least timed seconds behind each step figure",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=Repeats.warmup, help="untimed steps first (compilation can take two)"
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["ceiling", "train", "sampling", "data"])
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's datasheet peak (TFLOP/s, training precision): adds MFU",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every composed config")
     return parser.parse_args(argv)
@@ -664,9 +677,19 @@ def make_plan(args: argparse.Namespace) -> Plan:
     # hardware=cpu trains in fp32, hardware=gpu in bf16 autocast.
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     kwargs = dict(
-        device=args.device, models=args.models, overrides=args.overrides, levers=levers, dtype=dtype
+        device=args.device,
+        models=args.models,
+        overrides=args.overrides,
+        levers=levers,
+        dtype=dtype,
+        peak_tflops=args.peak_tflops,
     )
-    return Plan.quick_plan(**kwargs) if args.quick else Plan(batches=batches, **kwargs)
+    if args.quick:
+        return Plan.quick_plan(**kwargs)
+    if args.seconds < 0 or args.warmup < 0:
+        raise ValueError(f"--seconds {args.seconds} / --warmup {args.warmup}: use values >= 0")
+    steps = Repeats(warmup=args.warmup, min_seconds=args.seconds)
+    return Plan(batches=batches, steps=steps, **kwargs)
 
 
 def run(plan: Plan, skip: Sequence[str] = (), report: Callable[[str], None] = print) -> list[dict]:

@@ -39,6 +39,7 @@ class UNetConfig:
     num_classes: int = 1000
     label_dropout: float = 0.0  # classifier-free guidance: probability of training with the null label
     use_checkpoint: bool = False
+    use_sdpa: bool = True  # attention through F.scaled_dot_product_attention (false: the plain formula)
     use_fp16: bool = False  # accepted for flag compatibility; precision comes from the hardware group
 
 
@@ -136,8 +137,9 @@ class HardwareConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     tf32: bool = True
-    compile: bool = False
-    channels_last: bool = False
+    # null: the faster choice measured on each device (compile: on for CUDA; channels_last: on on the CPU)
+    compile: bool | None = None
+    channels_last: bool | None = None
     fused_optimizer: bool = True
     num_threads: int | None = None  # CPU intra-op threads; null = torch's default
 

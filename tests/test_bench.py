@@ -121,14 +121,22 @@ def test_levers_change_speed_not_results(lever, one_thread):
 
 def test_lever_variants_really_switch(one_thread):
     cfg = compose_cfg(TINY)
-    s = tiny_setup(*bench.LEVERS["channels_last"](cfg)[1])
-    assert s.hw.channels_last != cfg.hardware.channels_last
-    assert s.x.is_contiguous(memory_format=torch.channels_last) == s.hw.channels_last
+    for setup, want in ((tiny_setup(), True), (tiny_setup(*bench.LEVERS["channels_last"](cfg)[1]), False)):
+        assert setup.hw.channels_last is want  # the CPU preset's default (on), then flipped by the lever
+        weights = [m.weight for m in setup.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        # Layout shows only where both channels and kernel exceed 1 (otherwise both formats coincide).
+        layouts = [
+            w.is_contiguous(memory_format=torch.channels_last) for w in weights if min(w.shape[1:]) > 1
+        ]
+        assert layouts and all(layout == want for layout in layouts)
     s = tiny_setup(*bench.LEVERS["optimizer_foreach"](cfg)[1])
     assert s.optimizer.defaults["foreach"] is True and not s.optimizer.defaults["fused"]
-    s = tiny_setup(**bench.LEVERS["sdpa"](cfg)[2])
+    s = tiny_setup(*bench.LEVERS["sdpa"](cfg)[1])
     attention = [m for m in s.model.modules() if isinstance(m, AttentionBlock)]
     assert attention and not any(m.use_sdpa for m in attention)
+    assert all(m.use_sdpa for m in tiny_setup().model.modules() if isinstance(m, AttentionBlock))
+    # compile: the CPU preset resolves its null default to off, so the lever turns it on.
+    assert bench.LEVERS["compile"](cfg)[1] == ["hardware.compile=True"]
 
 
 def test_dropout_zeroes_a_fraction_p_and_rescales_the_rest():
@@ -226,3 +234,11 @@ def test_make_bench_quick_runs_every_model_and_the_data_loader(tmp_path):
     assert [r["model"] for r in rows if r["section"] == "train"] == list(bench.MODELS)
     assert {r["num_workers"] for r in rows if r["section"] == "data"} == {0, 1, 2}
     assert "unet_64" in proc.stdout and "per worker" in proc.stdout
+
+
+def test_recipe_hardware_matches_the_digits_recipe():
+    # The unet_digits row must run with the switches `make train` (experiment=digits) uses.
+    recipe = compose_cfg(["experiment=digits", "hardware=cpu"]).hardware
+    for override in bench.RECIPE_HARDWARE["unet_digits"]:
+        key, value = override.removeprefix("hardware.").split("=")
+        assert str(recipe[key]).lower() == value

@@ -91,6 +91,15 @@ def test_hardware(name):
     assert hw.device.type in ("cpu", "cuda")
     if hw.device.type == "cpu":
         assert hw.precision == "fp32"
+    # The per-device defaults that `make bench` measured fastest: compile on GPUs, channels_last on the CPU.
+    assert hw.compile == (hw.device.type == "cuda")
+    assert hw.channels_last == (hw.device.type == "cpu")
+    assert instantiate(cfg.hardware, compile=True).compile is True
+
+
+def test_hardware_rejects_a_non_boolean_compile():
+    with pytest.raises(ConfigCompositionException, match="compile"):
+        compose_cfg(["hardware.compile=fast"])
 
 
 def test_optimizer_is_partial():
