@@ -686,8 +686,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
     )
     if args.quick:
         return Plan.quick_plan(**kwargs)
-    if args.seconds < 0 or args.warmup < 0:
-        raise ValueError(f"--seconds {args.seconds} / --warmup {args.warmup}: use values >= 0")
+    if args.seconds < 0:
+        raise ValueError(f"--seconds {args.seconds}: use a number of seconds >= 0")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup {args.warmup}: use a number of steps >= 0")
     steps = Repeats(warmup=args.warmup, min_seconds=args.seconds)
     return Plan(batches=batches, steps=steps, **kwargs)
 

@@ -187,7 +187,8 @@ def test_quick_run_reports_every_part(tmp_path):
     threads = torch.get_num_threads()
     out = tmp_path / "bench.json"
     rows = bench.main(
-        ["--quick", "--threads", "1", "--models", "unet_digits", "--skip", "data", "--json", str(out)]
+        ["--quick", "--threads", "1", "--models", "unet_digits", "--skip", "data", "--peak-tflops", "0.5"]
+        + ["--json", str(out)]
     )
     assert torch.get_num_threads() == threads  # the benchmark's thread count does not leak out
     assert json.loads(out.read_text())["rows"] == rows
@@ -203,6 +204,7 @@ def test_quick_run_reports_every_part(tmp_path):
     assert train["gflop_per_step"] == pytest.approx(bench.train_flops(expected) / 1e9)
     assert train["gflops"] == pytest.approx(train["gflop_per_step"] / train["step_s"])
     assert train["of_ceiling"] == pytest.approx(train["gflops"] / train["conv_ceiling_gflops"])
+    assert train["mfu"] == pytest.approx(train["gflops"] / 500)  # over --peak-tflops 0.5
     assert {r["solver"] for r in rows if r["section"] == "sampling"} == {"DDPM", "DDIM", "DPMSolverPP"}
     assert all(r["images_per_s"] > 0 for r in rows if "images_per_s" in r)
 
@@ -213,6 +215,8 @@ def test_quick_run_reports_every_part(tmp_path):
         (["--batch", "unet_64=0"], "--batch"),
         (["--batch", "unet_64"], "--batch"),
         (["--levers", "turbo"], "--levers"),
+        (["--seconds", "-1"], "--seconds -1.0: use a number of seconds"),
+        (["--warmup", "-1"], "--warmup -1: use a number of steps"),
     ],
 )
 def test_bad_arguments(argv, match):
@@ -223,6 +227,12 @@ def test_bad_arguments(argv, match):
 def test_batch_option_sets_one_model():
     plan = bench.make_plan(bench.parse_args(["--batch", "unet_64=8", "--models", "unet_64"]))
     assert plan.batches["unet_64"] == 8 and plan.batches["unet_32"] == bench.TRAIN_BATCH["unet_32"]
+
+
+def test_seconds_and_warmup_set_the_step_timing():
+    plan = bench.make_plan(bench.parse_args(["--seconds", "2.5", "--warmup", "2"]))
+    assert (plan.steps.min_seconds, plan.steps.warmup) == (2.5, 2)
+    assert plan.kernels == bench.KERNEL_REPEATS and plan.peak_tflops is None
 
 
 @pytest.mark.slow
