@@ -2,7 +2,8 @@
 
     python benchmarks/bench.py [--quick] [--device cpu|cuda] [--threads 2] [--models NAME ...]
                                [--batch unet_64=8] [--levers [NAME ...]] [--skip SECTION ...]
-                               [--seconds 10] [--warmup 1] [--json PATH] [OVERRIDE ...]
+                               [--seconds 10] [--warmup 1] [--peak-tflops 989] [--json PATH]
+                               [OVERRIDE ...]
 
 One run measures, in order:
 
