@@ -27,7 +27,14 @@ from diffusion.config import LOADER_KEYS
 from diffusion.data import InfiniteLoader
 from diffusion.distributed import DistEnv, all_gather_object, cleanup_distributed, init_distributed
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from diffusion.sampling import SamplingError, build, check_complete, exit_on_bad_request, load_model
+from diffusion.sampling import (
+    SamplingError,
+    build,
+    check_complete,
+    exit_on_bad_request,
+    load_model,
+    sampling_hardware,
+)
 from diffusion.solvers import derived_seed
 
 log = logging.getLogger(__name__)
@@ -117,8 +124,8 @@ def _evaluate(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict | None:
     check_complete(cfg)
     if cfg.seed < 0:
         raise SamplingError(f"seed={cfg.seed}: must be >= 0")
-    hw = build(cfg.hardware, local_rank=env.local_rank)
     model, diffusion, info = load_model(cfg)
+    hw = sampling_hardware(cfg.hardware, info["channels_last"], env.local_rank)
     loader, num_batches = _loader(cfg, _dataset(cfg, model), env)
     model = hw.prepare_model(model)
     log.info("bits/dim of %s on %d batches of %d, %d terms each", cfg.checkpoint, num_batches,

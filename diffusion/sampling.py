@@ -96,7 +96,7 @@ def _read_checkpoint(cfg: DictConfig) -> tuple[DictConfig, DictConfig, dict, dic
                 f"{cfg.checkpoint} is a plain state dict (such as OpenAI's releases): name its network and "
                 "process, e.g. model=unet_256 diffusion=adm"
             )
-        return cfg.model, cfg.diffusion, state, {"class_names": [], "step": None}
+        return cfg.model, cfg.diffusion, state, {"class_names": [], "step": None, "channels_last": None}
     if state["format_version"] != ckpt.FORMAT_VERSION:
         ckpt.load_checkpoint(cfg.checkpoint)  # raises the explanation of the version mismatch
     if cfg.model is not None or cfg.diffusion is not None:
@@ -105,16 +105,21 @@ def _read_checkpoint(cfg: DictConfig) -> tuple[DictConfig, DictConfig, dict, dic
             "drop the model=... and diffusion=... overrides"
         )
     weights = ckpt.model_weights(state, cfg.use_ema, cfg.ema_rate)
-    info = {"class_names": state.get("class_names", []), "step": state["step"]}
-    return OmegaConf.create(state["model_config"]), OmegaConf.create(state["config"]).diffusion, weights, info
+    run_cfg = OmegaConf.create(state["config"])
+    info = {
+        "class_names": state.get("class_names", []),
+        "step": state["step"],
+        "channels_last": run_cfg.hardware.get("channels_last"),  # None: the run left it to the device
+    }
+    return OmegaConf.create(state["model_config"]), run_cfg.diffusion, weights, info
 
 
 def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, object, dict]:
     """Build the network and diffusion for ``cfg.checkpoint`` and load its (EMA) weights, strictly.
 
     :param cfg: a node with checkpoint, model, diffusion, use_ema and ema_rate (``sample.yaml``, ``nll.yaml``).
-    :return: (model in eval mode on the CPU, diffusion, info) where info holds ``class_names`` and the
-        checkpoint ``step`` (None for a plain state dict).
+    :return: (model in eval mode on the CPU, diffusion, info) where info holds ``class_names``, the
+        checkpoint ``step`` and the ``channels_last`` its run set explicitly (both None for a plain state dict).
     """
     model_cfg, diffusion_cfg, weights, info = _read_checkpoint(cfg)
     with torch.device("meta"):
@@ -200,10 +205,20 @@ def sample(cfg: DictConfig, run_dir: str | Path) -> Path:
         cleanup_distributed()
 
 
+def sampling_hardware(hardware: DictConfig, trained_channels_last: bool | None, local_rank: int = 0):
+    """The hardware group's Hardware, in the memory layout the checkpoint's run chose explicitly where this
+    run leaves it to the device default: a recipe's choice for its network (experiment=digits turns
+    channels_last off, measured slower for that network in training and in sampling) holds for its samples."""
+    layout = {}
+    if hardware.get("channels_last") is None and trained_channels_last is not None:
+        layout["channels_last"] = trained_channels_last
+    return build(hardware, local_rank=local_rank, **layout)
+
+
 def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
     check_request(cfg)
-    hw = build(cfg.hardware, local_rank=env.local_rank)
     model, diffusion, info = load_model(cfg)
+    hw = sampling_hardware(cfg.hardware, info["channels_last"], env.local_rank)
     labels = class_labels(cfg, model)
     solver = build(cfg.solver)
     try:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 
 import diffusion.sampling as sampling
@@ -118,6 +119,27 @@ def test_samples_npz_layout_order_labels_and_grid(project_ckpt, tmp_path):
         ]
         np.testing.assert_array_equal(tile, npz["arr_0"][k, ..., 0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "samples.npz"]  # no shards left
+
+
+def test_sampling_keeps_the_memory_layout_its_checkpoint_chose(project_ckpt, tmp_path, caplog):
+    # The fixture's run left channels_last to the device (null): sampling takes the CPU default, on.
+    cfg = sample_cfg(f"checkpoint={project_ckpt}")
+    assert load_model(cfg)[2]["channels_last"] is None
+    assert sampling.sampling_hardware(cfg.hardware, None).channels_last is True
+    # A recipe that turned it off for its network (experiment=digits) holds for its samples...
+    state = torch.load(project_ckpt, weights_only=True)
+    run_cfg = OmegaConf.create(state["config"])  # the run's resolved config, stored as YAML
+    run_cfg.hardware.channels_last = False
+    state["config"] = OmegaConf.to_yaml(run_cfg)
+    torch.save(state, tmp_path / "recipe.pt")
+    cfg = sample_cfg(f"checkpoint={tmp_path / 'recipe.pt'}", "num_samples=2")
+    assert load_model(cfg)[2]["channels_last"] is False
+    with caplog.at_level("INFO", logger="diffusion.sampling"):
+        sample(cfg, tmp_path / "out")
+    assert "channels_last=False)" in caplog.text and "channels_last=True" not in caplog.text
+    # ...unless the sampling run sets it itself.
+    explicit = sample_cfg("hardware.channels_last=true").hardware
+    assert sampling.sampling_hardware(explicit, False).channels_last is True
 
 
 def test_default_classes_cycle_through_all_classes(project_ckpt, tmp_path):
