@@ -19,10 +19,10 @@ class Hardware:
     :param precision: ``auto`` (bf16 on GPUs that support it, fp16 on older ones, fp32 on the CPU), ``fp32``,
         ``bf16`` or ``fp16`` (autocast with a dynamic grad scaler).
     :param tf32: allow TF32 matrix multiplies and convolutions on Ampere and newer GPUs.
-    :param compile: wrap the train step's model in ``torch.compile``; None: on for CUDA, off on the CPU, the
-        faster choice in `make bench` on each (GPU: 1.46x on unet_64; CPU: slower, and minutes to compile).
-    :param channels_last: keep activations in NHWC layout; None: on on the CPU, off for CUDA (H100 unet_64:
-        0.78x; CPU unet_32: 1.06x, though 0.96x on the small digits network, whose recipe turns it off).
+    :param compile: wrap the train step's model in ``torch.compile``; None: on for CUDA, off on the CPU.
+    :param channels_last: keep activations in NHWC layout; None: on on the CPU, off for CUDA.
+        Both None defaults are the faster side that ``benchmarks/bench.py --levers`` measured on each device
+        (the figures are in the README's Performance section).
     :param fused_optimizer: ask the optimizer for its fused kernel (one launch for all parameters).
     :param num_threads: CPU threads for intra-op parallelism (None: torch's default, one per core). On a
         shared or small CPU one thread can be several times faster than two fighting for the same cores.
@@ -92,6 +92,11 @@ class Hardware:
         if self.precision == "fp16":
             return torch.amp.GradScaler(self.device.type)
         return torch.amp.GradScaler(self.device.type, init_scale=1.0, growth_interval=2**31 - 1)
+
+    def prepare_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """An image batch on the device (a non-blocking copy from pinned memory) in the model's memory layout."""
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.to(self.device)

@@ -124,6 +124,18 @@ def lr_lambda(warmup_steps: int, anneal_steps: int):
     return factor
 
 
+def make_ema(model: torch.nn.Module, rates) -> dict[float, torch.nn.Module]:
+    """A frozen copy of ``model`` per EMA rate, keyed by the rate."""
+    return {float(r): copy.deepcopy(model).requires_grad_(False).eval() for r in rates}
+
+
+def make_optimizer(cfg: DictConfig, model: torch.nn.Module, hw) -> torch.optim.Optimizer:
+    """The configured optimizer over the model's parameters, fused where the hardware group asks for it."""
+    return instantiate(cfg.optim.optimizer)(
+        model.parameters(), **({"fused": True} if hw.fused_optimizer else {})
+    )
+
+
 def draw_for_batch(sampler, shape: tuple, device: torch.device, seed: int, step: int):
     """Timesteps, importance weights and noise for a whole global batch of ``shape``, from a generator keyed by
     (seed, step): a run's randomness then depends neither on the number of ranks nor on micro-batching, and
@@ -233,13 +245,12 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
     diffusion = instantiate(cfg.diffusion)
     model, model_config = build_model(cfg, dataset, diffusion)
     model = hw.prepare_model(model)
-    ema_models = {float(r): copy.deepcopy(model).requires_grad_(False).eval() for r in cfg.optim.ema_rates}
+    ema_models = make_ema(model, cfg.optim.ema_rates)
     sampler = instantiate(cfg.sampler, num_timesteps=diffusion.num_timesteps)
     log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
 
     # Optimizer, lr schedule, grad scaler.
-    opt_kwargs = {"fused": True} if hw.fused_optimizer else {}
-    optimizer = instantiate(cfg.optim.optimizer)(model.parameters(), **opt_kwargs)
+    optimizer = make_optimizer(cfg, model, hw)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.optim.lr_anneal_steps)
     )
@@ -334,9 +345,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
         model.train()
         while step < total_steps:
             x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if hw.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, y = hw.prepare_batch(x), y.to(device, non_blocking=True)
             # Drawn for the whole global batch; rank r's k-th example is the global batch's example
             # r + k * world_size (the loader's sharding), so each rank takes its slice.
             t_all, w_all, noise_all = draw_for_batch(

@@ -196,9 +196,9 @@ def test_quick_run_reports_every_part(tmp_path):
     assert sections.count("ceiling") == 3 and sections.count("sampling") == 3
     (train,) = [r for r in rows if r["section"] == "train"]
     assert train["model"] == "unet_digits" and train["batch"] == 2
-    # The preset shrunk by --quick's overrides, composed from conf/model/unet_digits.yaml.
+    # The digits recipe (conf/experiment/digits.yaml) shrunk by --quick's overrides.
     expected = bench.build_train(
-        compose_cfg(["model=unet_digits", "hardware=cpu", *bench.QUICK_MODEL]), batch=2
+        compose_cfg(["experiment=digits", "hardware=cpu", *bench.QUICK_MODEL]), batch=2
     )
     assert train["params_m"] == pytest.approx(sum(p.numel() for p in expected.model.parameters()) / 1e6)
     assert train["gflop_per_step"] == pytest.approx(bench.train_flops(expected) / 1e9)
@@ -246,9 +246,10 @@ def test_make_bench_quick_runs_every_model_and_the_data_loader(tmp_path):
     assert "unet_64" in proc.stdout and "per worker" in proc.stdout
 
 
-def test_recipe_hardware_matches_the_digits_recipe():
-    # The unet_digits row must run with the switches `make train` (experiment=digits) uses.
-    recipe = compose_cfg(["experiment=digits", "hardware=cpu"]).hardware
-    for override in bench.RECIPE_HARDWARE["unet_digits"]:
-        key, value = override.removeprefix("hardware.").split("=")
-        assert str(recipe[key]).lower() == value
+def test_the_digits_row_runs_the_digits_recipe_at_the_benchmark_threads():
+    plan = bench.make_plan(bench.parse_args([]))
+    cfg = bench.model_config(plan, "unet_digits")
+    recipe = compose_cfg(["experiment=digits", "hardware=cpu"])
+    assert cfg.optim == recipe.optim and cfg.model == recipe.model  # lr, EMA rates, label dropout as trained
+    assert cfg.hardware.channels_last is False and cfg.hardware.num_threads is None
+    assert bench.model_config(plan, "unet_32").hardware.channels_last is None  # no recipe: the CPU default

@@ -97,6 +97,15 @@ def test_hardware(name):
     assert instantiate(cfg.hardware, compile=True).compile is True
 
 
+def test_prepare_batch_puts_a_batch_in_the_models_layout():
+    x = torch.randn(2, 3, 4, 4)
+    for channels_last in (True, False):
+        hw = instantiate(compose_cfg(["hardware=cpu", f"hardware.channels_last={channels_last}"]).hardware)
+        out = hw.prepare_batch(x)
+        assert out.device == hw.device and torch.equal(out, x)
+        assert out.is_contiguous(memory_format=torch.channels_last) is channels_last
+
+
 def test_hardware_rejects_a_non_boolean_compile():
     with pytest.raises(ConfigCompositionException, match="compile"):
         compose_cfg(["hardware.compile=fast"])
