@@ -12,7 +12,6 @@ Schedule arrays are float64 numpy; they are indexed per batch and cast to the in
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -20,7 +19,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+
+from diffusion.errors import ConfigError
 
 Model = Callable[..., Tensor]
 
@@ -72,7 +72,7 @@ def get_named_beta_schedule(name: str, num_steps: int) -> np.ndarray:
     """
     _check_positive_int("num_steps", num_steps)
     if name not in _BETA_SCHEDULES:
-        raise ValueError(f"noise_schedule must be one of {sorted(_BETA_SCHEDULES)}, got {name!r}")
+        raise ConfigError(f"noise_schedule must be one of {sorted(_BETA_SCHEDULES)}, got {name!r}")
     return _BETA_SCHEDULES[name](num_steps)
 
 
@@ -96,7 +96,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if count > size:
-            raise ValueError(
+            raise ConfigError(
                 f"timestep_respacing: section {i} covers {size} of the {num_timesteps} steps; "
                 f"it cannot keep {count}"
             )
@@ -108,7 +108,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
             position += stride
         start += size
     if not kept:
-        raise ValueError(f"timestep_respacing {section_counts!r} keeps no timestep")
+        raise ConfigError(f"timestep_respacing {section_counts!r} keeps no timestep")
     return sorted(kept)
 
 
@@ -116,11 +116,11 @@ def _ddim_timesteps(num_timesteps: int, spec: str) -> list[int]:
     try:
         desired = int(spec[len("ddim") :])
     except ValueError:
-        raise ValueError(f"timestep_respacing {spec!r}: expected 'ddimN' with an integer N") from None
+        raise ConfigError(f"timestep_respacing {spec!r}: expected 'ddimN' with an integer N") from None
     for stride in range(1, num_timesteps):
         if len(range(0, num_timesteps, stride)) == desired:
             return list(range(0, num_timesteps, stride))
-    raise ValueError(
+    raise ConfigError(
         f"timestep_respacing {spec!r}: no integer stride takes exactly {desired} of {num_timesteps} steps"
     )
 
@@ -132,12 +132,12 @@ def _parse_section_counts(section_counts: str | int | Sequence[int]) -> list[int
         try:
             section_counts = [int(part) for part in section_counts.split(",")]
         except ValueError:
-            raise ValueError(
+            raise ConfigError(
                 f"timestep_respacing {section_counts!r}: expected 'ddimN' or comma-separated integers"
             ) from None
     counts = list(section_counts)
     if not counts or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0 for c in counts):
-        raise ValueError(f"timestep_respacing: section counts must be non-negative integers, got {counts!r}")
+        raise ConfigError(f"timestep_respacing: section counts must be non-negative integers, got {counts!r}")
     return [int(c) for c in counts]
 
 
@@ -243,19 +243,13 @@ class GaussianDiffusion:
 
         betas = get_named_beta_schedule(noise_schedule, steps)
         if not ((betas > 0) & (betas < 1)).all():
-            raise ValueError(f"steps={steps} gives {noise_schedule} betas outside (0, 1); use more steps")
-        if _is_respaced(timestep_respacing):
-            kept = space_timesteps(steps, timestep_respacing)
-            betas = _respaced_betas(np.cumprod(1.0 - betas), kept)
-        else:
-            kept = list(range(steps))
-        if len(kept) < 2:
-            raise ValueError(
-                f"timestep_respacing {timestep_respacing!r} keeps {len(kept)} step; need at least 2"
-            )
-        self.timestep_map = torch.tensor(kept, dtype=torch.long)
+            raise ConfigError(f"steps={steps} gives {noise_schedule} betas outside (0, 1); use more steps")
         self._set_schedule(betas)
-        self._device_tables: dict[tuple[str, torch.device], Tensor] = {}
+        self.timestep_map = torch.arange(steps, dtype=torch.long)
+        if _is_respaced(timestep_respacing):
+            self._keep(
+                space_timesteps(steps, timestep_respacing), f"timestep_respacing {timestep_respacing!r}"
+            )
         self._xstart_eps_from_output = {
             "epsilon": self._from_epsilon,
             "x0": self._from_xstart,
@@ -269,7 +263,16 @@ class GaussianDiffusion:
             "rescaled_kl": float(self.num_timesteps),
         }[loss_type]
 
+    def _keep(self, kept: Sequence[int], what: str) -> None:
+        """Keep only the original timesteps ``kept`` (sorted) of this full process: each new beta bridges one kept
+        step to the next, so alpha_bar at the kept steps is unchanged."""
+        if len(kept) < 2:
+            raise ConfigError(f"{what} keeps {len(kept)} step; need at least 2")
+        self.timestep_map = torch.tensor(kept, dtype=torch.long)
+        self._set_schedule(_respaced_betas(self.alphas_cumprod, kept))
+
     def _set_schedule(self, betas: np.ndarray) -> None:
+        self._device_tables: dict[tuple[str, torch.device], Tensor] = {}
         self.betas = betas
         self.num_timesteps = len(betas)
         alphas = 1.0 - betas
@@ -305,6 +308,21 @@ class GaussianDiffusion:
     def respace(self, section_counts: str | int | Sequence[int] | None) -> GaussianDiffusion:
         """The same process respaced over the ORIGINAL steps (not over this one's kept steps)."""
         return GaussianDiffusion(**self._settings, timestep_respacing=section_counts)
+
+    def respace_to(self, timesteps: Sequence[int]) -> GaussianDiffusion:
+        """The same process keeping exactly the given ORIGINAL timesteps (a solver's own choice of steps).
+
+        :param timesteps: distinct original timestep indices in [0, T), any order; at least 2.
+        """
+        kept = sorted({int(t) for t in timesteps})
+        if len(kept) != len(timesteps) or kept[0] < 0 or kept[-1] >= self.original_num_steps:
+            raise ValueError(
+                f"timesteps must be distinct indices in [0, {self.original_num_steps}), got {list(timesteps)}"
+            )
+        process = GaussianDiffusion(**self._settings)
+        process._keep(kept, f"timesteps {list(timesteps)}")
+        process.timestep_respacing = kept
+        return process
 
     def original_timesteps(self, t: Tensor) -> Tensor:
         """
@@ -593,87 +611,6 @@ class GaussianDiffusion:
         sample = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * out["eps"]
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def p_sample_loop(
-        self,
-        model: Model,
-        shape: Sequence[int],
-        x_T: Tensor | None = None,
-        noises: Sequence[Tensor] | Tensor | None = None,
-        clip_denoised: bool = True,
-        model_kwargs: dict | None = None,
-        progress: bool = False,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-    ) -> Tensor:
-        """
-        Ancestral sampling through every (respaced) step, from t = T-1 down to 0.
-
-        :param shape: the sample shape [N x C x ...].
-        :param x_T: optional starting noise of that shape (else drawn).
-        :param noises: optional per-step noise, noises[i] for the i-th step from the noisiest (T entries).
-        :param generator: draws x_T and the step noises when they are not given.
-        :param device: where to sample; default x_T's device, else the model's parameters', else CPU.
-        :return: an [N x C x ...] Tensor of samples.
-        """
-        step = functools.partial(self.p_sample, model, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-        return self._sample_loop(
-            step, model, shape, x_T, noises, progress, generator, device, draws_noise=True
-        )
-
-    def ddim_sample_loop(
-        self,
-        model: Model,
-        shape: Sequence[int],
-        x_T: Tensor | None = None,
-        eta: float = 0.0,
-        noises: Sequence[Tensor] | Tensor | None = None,
-        clip_denoised: bool = True,
-        model_kwargs: dict | None = None,
-        progress: bool = False,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-    ) -> Tensor:
-        """
-        DDIM sampling through every (respaced) step; arguments as :meth:`p_sample_loop`, plus eta.
-
-        :return: an [N x C x ...] Tensor of samples.
-        """
-        step = functools.partial(
-            self.ddim_sample, model, eta=eta, clip_denoised=clip_denoised, model_kwargs=model_kwargs
-        )
-        return self._sample_loop(
-            step, model, shape, x_T, noises, progress, generator, device, draws_noise=eta > 0
-        )
-
-    def _sample_loop(
-        self,
-        step: Callable[..., dict[str, Tensor]],
-        model: Model,
-        shape: Sequence[int],
-        x_T: Tensor | None,
-        noises: Sequence[Tensor] | Tensor | None,
-        progress: bool,
-        generator: torch.Generator | None,
-        device: torch.device | str | None,
-        draws_noise: bool,
-    ) -> Tensor:
-        shape = tuple(shape)
-        if x_T is not None and tuple(x_T.shape) != shape:
-            raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={shape}")
-        if noises is not None and len(noises) < self.num_timesteps:
-            raise ValueError(f"noises holds {len(noises)} entries; the loop takes {self.num_timesteps} steps")
-        device = torch.device(device) if device is not None else _default_device(model, x_T)
-        x = x_T.to(device) if x_T is not None else _randn(shape, generator, device)
-        for i, index in enumerate(tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress)):
-            t = torch.full((shape[0],), index, dtype=torch.long, device=device)
-            if noises is not None:
-                noise = noises[i].to(device)
-            else:
-                noise = _randn(shape, generator, device) if draws_noise else None
-            with torch.no_grad():
-                x = step(x=x, t=t, noise=noise)["sample"]
-        return x
-
     # --- losses and the variational bound ---------------------------------------------------------------------
 
     def _vb_terms_bpd(
@@ -799,14 +736,6 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: to
     return torch.randn(shape, generator=generator, device=draw_device).to(device)
 
 
-def _default_device(model: Model, x_T: Tensor | None) -> torch.device:
-    if x_T is not None:
-        return x_T.device
-    parameters = getattr(model, "parameters", None)
-    first = next(iter(parameters()), None) if callable(parameters) else None
-    return first.device if first is not None else torch.device("cpu")
-
-
 def _is_respaced(timestep_respacing: object) -> bool:
     return not (
         timestep_respacing is None or (isinstance(timestep_respacing, str) and not timestep_respacing)
@@ -815,9 +744,9 @@ def _is_respaced(timestep_respacing: object) -> bool:
 
 def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -2,12 +2,13 @@
 
 Every solver is a small class built from the ``solver`` config group and called with one signature::
 
-    solver(model, diffusion, x_T, model_kwargs=None, noise=None, progress=False) -> x_0
+    solver(model, diffusion, x_T, model_kwargs=None, noise=None, progress=False, callback=None) -> x_0
 
-``diffusion`` is the process the model was trained with (any number of steps); each solver picks ``steps`` of its
-timesteps (DDPM and DDIM by guided-diffusion's respacing, DPM-Solver++ evenly in log-SNR) and calls the network
-with the original timestep indices. ``noise(k)`` returns
-the fresh Gaussian noise a stochastic solver needs at its k-th step; it is called once per step, in order.
+``diffusion`` is the process the model was trained with (any number of steps). Each solver picks ``steps`` of its
+timesteps (DDPM and DDIM by guided-diffusion's respacing, DPM-Solver++ evenly in log-SNR); one loop, in the base
+class, runs the process respaced to them and calls the solver's ``step``, and the network always sees the
+original timestep indices. ``noise(k)`` returns the fresh Gaussian noise a stochastic solver needs at its k-th
+step; ``callback(k, x, pred_xstart)`` sees every step (k-diffusion's convention).
 
 The network may predict epsilon, x0 or v (the process converts); learned-variance channels are used by the
 ancestral solver and ignored by the deterministic ones.
@@ -16,21 +17,26 @@ ancestral solver and ignored by the deterministic ones.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diffusion.errors import ConfigError
 from diffusion.gaussian_diffusion import GaussianDiffusion, space_timesteps
 
 NoiseFn = Callable[[int], Tensor]
 
 
 class Solver:
-    """What the solvers share: the step count, how the training process is respaced for it, the step loop.
+    """What the solvers share: the step count, which timesteps they evaluate, and the one sampling loop.
+
+    A solver picks ``steps`` of the model's original timesteps (:meth:`timesteps`); the loop runs the process
+    respaced to exactly those, from the noisiest down, and a subclass's :meth:`step` takes one of them.
 
     :param steps: number of network evaluations (reverse steps).
     :param clip_denoised: clamp the predicted x_0 to [-1, 1] at every step, as the reference does.
@@ -42,39 +48,83 @@ class Solver:
 
     def __init__(self, steps: int, clip_denoised: bool = True) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-            raise ValueError(f"solver.steps={steps!r}: must be an integer >= 2")
+            raise ConfigError(f"solver.steps={steps!r}: must be an integer >= 2")
         self.steps = steps
         self.clip_denoised = clip_denoised
 
-    def respaced(self, diffusion: GaussianDiffusion) -> GaussianDiffusion:
-        """``diffusion`` respaced to ``steps``; ValueError naming solver.steps when the spacing cannot meet it."""
+    def timesteps(self, diffusion: GaussianDiffusion) -> list[int]:
+        """The original timesteps the network is evaluated at, ascending; ConfigError naming solver.steps when
+        the spacing cannot meet ``steps`` on ``diffusion``."""
+        num_timesteps = diffusion.original_num_steps
         try:
-            return diffusion.respace(self.respacing.format(self.steps))
+            return space_timesteps(num_timesteps, self.respacing.format(self.steps))
         except ValueError as e:
-            raise ValueError(
-                f"solver.steps={self.steps} cannot be met on the model's {diffusion.original_num_steps}-step "
-                f"process: {e}. {self._feasible_hint(diffusion.original_num_steps)}"
+            raise ConfigError(
+                f"solver.steps={self.steps} cannot be met on the model's {num_timesteps}-step process: {e}. "
+                f"{self._feasible_hint(num_timesteps)}"
             ) from None
 
     def _feasible_hint(self, num_timesteps: int) -> str:
         return f"Use at most {num_timesteps} steps."
 
     def check(self, diffusion: GaussianDiffusion) -> None:
-        """Raise ValueError now if ``steps`` cannot be met on ``diffusion`` (before any sampling work)."""
-        self.respaced(diffusion)
+        """Raise ConfigError now if ``steps`` cannot be met on ``diffusion`` (before any sampling work)."""
+        self.timesteps(diffusion)
 
-    @staticmethod
-    def _timesteps(indices: Sequence[int], x: Tensor, progress: bool, desc: str) -> Iterator[Tensor]:
-        """Each of ``indices`` (noisiest first) as a LongTensor [N] on x's device, with an optional progress bar."""
-        for i in tqdm(indices, desc=desc, leave=False, disable=not progress):
-            yield torch.full((x.shape[0],), int(i), device=x.device, dtype=torch.long)
+    def __call__(
+        self,
+        model: Callable[..., Tensor],
+        diffusion: GaussianDiffusion,
+        x_T: Tensor,
+        model_kwargs: dict | None = None,
+        noise: NoiseFn | None = None,
+        progress: bool = False,
+        callback: Callable[[int, Tensor, Tensor], None] | None = None,
+    ) -> Tensor:
+        """
+        :param model: the network (or a guided wrapper of it), called with original timestep indices.
+        :param diffusion: the process the model was trained with.
+        :param x_T: an [N x C x H x W] Tensor of standard normal noise.
+        :param model_kwargs: extra arguments of every network call, e.g. ``{"y": labels}``.
+        :param noise: ``noise(k)`` gives the fresh noise of the k-th step (drawn with ``randn_like`` when None);
+            called once per step, in order, by the stochastic solvers.
+        :param callback: called after every step as ``callback(k, x, pred_xstart)``.
+        :return: an [N x C x H x W] Tensor of samples.
+        """
+        process = diffusion.respace_to(self.timesteps(diffusion))
+        x, carry = x_T, None
+        indices = range(process.num_timesteps - 1, -1, -1)
+        for k, i in enumerate(tqdm(indices, desc=type(self).__name__, leave=False, disable=not progress)):
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            draw = functools.partial(_draw, noise, k, x)
+            x, pred_xstart, carry = self.step(process, model, x, t, model_kwargs, draw, carry)
+            if callback is not None:
+                callback(k, x, pred_xstart)
+        return x
+
+    def step(
+        self,
+        process: GaussianDiffusion,
+        model: Callable[..., Tensor],
+        x: Tensor,
+        t: Tensor,
+        model_kwargs: dict | None,
+        draw: Callable[[], Tensor],
+        carry: object,
+    ) -> tuple[Tensor, Tensor, object]:
+        """
+        One step from x_t to the next (less noisy) kept timestep.
+
+        :param process: the process respaced to this solver's timesteps; ``t`` indexes it.
+        :param t: a LongTensor [N], the same respaced index for every image.
+        :param draw: returns this step's fresh noise like x (call it at most once, and only when needed).
+        :param carry: what this solver's previous step returned as its carry (None on the first step).
+        :return: (x at the next timestep, the step's x_0 prediction, the carry for the next step).
+        """
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(steps={self.steps}, clip_denoised={self.clip_denoised})"
-
-
-def _descending(process: GaussianDiffusion) -> range:
-    return range(process.num_timesteps - 1, -1, -1)
 
 
 def _draw(noise: NoiseFn | None, k: int, x: Tensor) -> Tensor:
@@ -88,32 +138,10 @@ class DDPM(Solver):
     def __init__(self, steps: int = 250, clip_denoised: bool = True) -> None:
         super().__init__(steps, clip_denoised)
 
-    def __call__(
-        self,
-        model: Callable[..., Tensor],
-        diffusion: GaussianDiffusion,
-        x_T: Tensor,
-        model_kwargs: dict | None = None,
-        noise: NoiseFn | None = None,
-        progress: bool = False,
-    ) -> Tensor:
-        """
-        :param x_T: an [N x C x H x W] Tensor of standard normal noise.
-        :return: an [N x C x H x W] Tensor of samples.
-        """
-        process = self.respaced(diffusion)
-        x = x_T
-        for k, t in enumerate(self._timesteps(_descending(process), x, progress, "ddpm")):
-            out = process.p_sample(
-                model,
-                x,
-                t,
-                clip_denoised=self.clip_denoised,
-                model_kwargs=model_kwargs,
-                noise=_draw(noise, k, x),
-            )
-            x = out["sample"]
-        return x
+    def step(self, process, model, x, t, model_kwargs, draw, carry):
+        # A noise is drawn at t == 0 too (and not used), as the reference's loop draws it.
+        out = process.p_sample(model, x, t, self.clip_denoised, model_kwargs=model_kwargs, noise=draw())
+        return out["sample"], out["pred_xstart"], None
 
 
 class DDIM(Solver):
@@ -127,7 +155,7 @@ class DDIM(Solver):
 
     def __init__(self, steps: int = 50, eta: float = 0.0, clip_denoised: bool = True) -> None:
         if eta < 0:
-            raise ValueError(f"solver.eta={eta}: must be >= 0 (0 = deterministic, 1 = DDPM-like)")
+            raise ConfigError(f"solver.eta={eta}: must be >= 0 (0 = deterministic, 1 = DDPM-like)")
         super().__init__(steps, clip_denoised)
         self.eta = eta
 
@@ -137,33 +165,18 @@ class DDIM(Solver):
         above = [c for c in counts if c > self.steps][:1]
         return f"Nearest counts that work: {' or '.join(map(str, below + above))}."
 
-    def __call__(
-        self,
-        model: Callable[..., Tensor],
-        diffusion: GaussianDiffusion,
-        x_T: Tensor,
-        model_kwargs: dict | None = None,
-        noise: NoiseFn | None = None,
-        progress: bool = False,
-    ) -> Tensor:
-        """
-        :param x_T: an [N x C x H x W] Tensor of standard normal noise.
-        :return: an [N x C x H x W] Tensor of samples.
-        """
-        process = self.respaced(diffusion)
-        x = x_T
-        for k, t in enumerate(self._timesteps(_descending(process), x, progress, "ddim")):
-            out = process.ddim_sample(
-                model,
-                x,
-                t,
-                eta=self.eta,
-                clip_denoised=self.clip_denoised,
-                model_kwargs=model_kwargs,
-                noise=_draw(noise, k, x) if self.eta > 0 else None,
-            )
-            x = out["sample"]
-        return x
+    def step(self, process, model, x, t, model_kwargs, draw, carry):
+        noise = draw() if self.eta > 0 else None
+        out = process.ddim_sample(
+            model,
+            x,
+            t,
+            eta=self.eta,
+            clip_denoised=self.clip_denoised,
+            model_kwargs=model_kwargs,
+            noise=noise,
+        )
+        return out["sample"], out["pred_xstart"], None
 
     def __repr__(self) -> str:
         return f"DDIM(steps={self.steps}, eta={self.eta}, clip_denoised={self.clip_denoised})"
@@ -188,63 +201,48 @@ class DPMSolverPP(Solver):
 
     def __init__(self, steps: int = 20, clip_denoised: bool = True, spacing: str = "logsnr") -> None:
         if spacing not in self.SPACINGS:
-            raise ValueError(f"solver.spacing={spacing!r}: use one of {list(self.SPACINGS)}")
+            raise ConfigError(f"solver.spacing={spacing!r}: use one of {list(self.SPACINGS)}")
         super().__init__(steps, clip_denoised)
         self.spacing = spacing
 
     def timesteps(self, diffusion: GaussianDiffusion) -> list[int]:
-        """The original timesteps the network is evaluated at, ascending: ``steps`` distinct integers."""
+        if self.spacing == "time":
+            return super().timesteps(diffusion)
         num_timesteps = diffusion.original_num_steps
         if self.steps > num_timesteps:
-            raise ValueError(
+            raise ConfigError(
                 f"solver.steps={self.steps} cannot be met on the model's {num_timesteps}-step process: "
                 f"use at most {num_timesteps} steps"
             )
-        if self.spacing == "time":
-            return space_timesteps(num_timesteps, self.steps)
         return logsnr_timesteps(diffusion.respace(None).alphas_cumprod, self.steps)
 
-    def check(self, diffusion: GaussianDiffusion) -> None:
-        self.timesteps(diffusion)
-
-    def __call__(
-        self,
-        model: Callable[..., Tensor],
-        diffusion: GaussianDiffusion,
-        x_T: Tensor,
-        model_kwargs: dict | None = None,
-        noise: NoiseFn | None = None,
-        progress: bool = False,
-    ) -> Tensor:
-        """
-        :param x_T: an [N x C x H x W] Tensor of standard normal noise.
-        :param noise: unused (the solver is deterministic); accepted for the shared signature.
-        :return: an [N x C x H x W] Tensor of samples.
-        """
-        # The full process, indexed by original timesteps: the solver picks its own subset of them.
-        process = diffusion.respace(None)
-        kept = self.timesteps(process)
-        alpha_bar = process.alphas_cumprod[kept]  # float64 [steps], entry i for the i-th kept step
-        alpha, sigma = np.sqrt(alpha_bar), np.sqrt(1.0 - alpha_bar)
-        lam = np.log(alpha) - np.log(sigma)
-        x, previous = x_T, None
-        for k, t in enumerate(self._timesteps(kept[::-1], x, progress, "dpm-solver++")):
-            i = len(kept) - 1 - k
-            out = process.model_output(model, x, t, model_kwargs)
-            denoised, _ = process.predict_xstart_eps(out, x, t, clip_denoised=self.clip_denoised)
-            if i == 0:
-                x = denoised  # the step from t = 0 ends at sigma = 0, where x is the denoised estimate
-                break
-            h = float(lam[i - 1] - lam[i])
-            d = denoised if previous is None else _second_order(denoised, *previous, h)
-            x = float(sigma[i - 1] / sigma[i]) * x - float(alpha[i - 1] * math.expm1(-h)) * d
-            previous = (denoised, h)
-        return x
+    def step(self, process, model, x, t, model_kwargs, draw, carry):
+        out = process.model_output(model, x, t, model_kwargs)
+        denoised, _ = process.predict_xstart_eps(out, x, t, clip_denoised=self.clip_denoised)
+        i = int(t[0])
+        if i == 0:
+            return (
+                denoised,
+                denoised,
+                None,
+            )  # the step from t = 0 ends at sigma = 0: x is the denoised estimate
+        # float64 schedule values of this step (s) and of the next kept one (t), which is alphas_cumprod_prev.
+        alpha_s, sigma_s, lam_s = _alpha_sigma_lambda(process.alphas_cumprod[i])
+        alpha_t, sigma_t, lam_t = _alpha_sigma_lambda(process.alphas_cumprod_prev[i])
+        h = lam_t - lam_s
+        d = denoised if carry is None else _second_order(denoised, *carry, h)
+        x = (sigma_t / sigma_s) * x - (alpha_t * math.expm1(-h)) * d
+        return x, denoised, (denoised, h)
 
     def __repr__(self) -> str:
         return (
             f"DPMSolverPP(steps={self.steps}, spacing={self.spacing!r}, clip_denoised={self.clip_denoised})"
         )
+
+
+def _alpha_sigma_lambda(alpha_bar: float) -> tuple[float, float, float]:
+    alpha, sigma = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+    return alpha, sigma, math.log(alpha) - math.log(sigma)
 
 
 def logsnr_timesteps(alphas_cumprod: np.ndarray, steps: int) -> list[int]:
@@ -304,16 +302,16 @@ def guided(model: Callable[..., Tensor], scale: float, null_class: int) -> Calla
 def check_guidance(model: torch.nn.Module, guidance_scale: float) -> None:
     """ValueError unless ``guidance_scale`` is usable with ``model`` (1 = off always is)."""
     if guidance_scale < 0:
-        raise ValueError(f"guidance_scale={guidance_scale}: must be >= 0 (1 = off, 0 = unconditional)")
+        raise ConfigError(f"guidance_scale={guidance_scale}: must be >= 0 (1 = off, 0 = unconditional)")
     if guidance_scale == 1.0:
         return
     if not getattr(model, "num_classes", None):
-        raise ValueError(
+        raise ConfigError(
             f"guidance_scale={guidance_scale} needs a class-conditional model trained with "
             "model.label_dropout > 0; this model is unconditional: use guidance_scale=1"
         )
     if getattr(model, "null_class", None) is None:
-        raise ValueError(
+        raise ConfigError(
             f"guidance_scale={guidance_scale} needs a model trained with classifier-free guidance "
             "(model.label_dropout > 0); this one has no null class: use guidance_scale=1"
         )
@@ -333,7 +331,7 @@ class PerImageNoise:
 
     def __init__(self, seed: int, indices: Sequence[int], shape: Sequence[int], device: torch.device) -> None:
         if seed < 0:
-            raise ValueError(f"seed={seed}: must be >= 0")
+            raise ConfigError(f"seed={seed}: must be >= 0")
         self.shape = tuple(shape)
         self.device = device
         self.generators = [torch.Generator().manual_seed(derived_seed(seed, i)) for i in indices]
@@ -364,6 +362,7 @@ def generate(
     classes: Tensor | None = None,
     guidance_scale: float = 1.0,
     autocast: contextlib.AbstractContextManager | None = None,
+    callback: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> Tensor:
     """Generate the images with the given global indices: a float [N x C x H x W] Tensor in [-1, 1].
 
@@ -374,6 +373,7 @@ def generate(
     :param classes: [N] class labels for a class-conditional model, else None.
     :param guidance_scale: classifier-free guidance weight; 1 disables it (one forward pass of N per step).
     :param autocast: the forward-pass precision context (``Hardware.autocast()``); None runs in fp32.
+    :param callback: passed to the solver: ``callback(k, x, pred_xstart)`` after every step.
     """
     indices = list(indices)
     check_guidance(model, guidance_scale)
@@ -387,5 +387,5 @@ def generate(
         if guidance_scale != 1.0:
             net = guided(model, guidance_scale, model.null_class)
     with autocast if autocast is not None else contextlib.nullcontext():
-        x = solver(net, diffusion, x_T, model_kwargs=kwargs, noise=noise)
+        x = solver(net, diffusion, x_T, model_kwargs=kwargs, noise=noise, callback=callback)
     return x.float()

@@ -48,15 +48,36 @@ def test_ddpm_solver_matches_reference_ancestral_loop_with_recorded_noise():
     assert calls == list(range(50))  # one draw per step, in order
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_ddim_solver_on_gpu_matches_reference():
+    ref = REF["spaced"]["ddim_loop_eta0"]
+    diffusion = GaussianDiffusion(1000, "cosine", "epsilon", "learned_range")
+    sample = DDIM(steps=25)(stand_in(True), diffusion, ref["x_T"].cuda())
+    assert sample.device.type == "cuda"
+    assert rel_err(sample.cpu(), ref["sample"]) <= TOL
+
+
 def test_stochastic_ddim_draws_one_noise_per_step_and_uses_it():
     diffusion = GaussianDiffusion(1000, "cosine", "epsilon", "learned_range")
     x_T = REF["spaced"]["ddim_loop_eta0"]["x_T"]
     noises = torch.randn(25, *x_T.shape, generator=torch.Generator().manual_seed(0))
-    ours = DDIM(steps=25, eta=0.5)(stand_in(True), diffusion, x_T, noise=lambda k: noises[k])
-    expected = diffusion.respace("ddim25").ddim_sample_loop(
-        stand_in(True), x_T.shape, x_T=x_T, eta=0.5, noises=noises
+    steps = []
+    ours = DDIM(steps=25, eta=0.5)(
+        stand_in(True),
+        diffusion,
+        x_T,
+        noise=lambda k: noises[k],
+        callback=lambda k, x, x0: steps.append((k, x, x0)),
     )
-    assert rel_err(ours, expected) <= TOL
+    # The reference's loop, one ddim_sample per respaced step from the noisiest, noise k at step k.
+    spaced, x = diffusion.respace("ddim25"), x_T
+    for k, i in enumerate(range(24, -1, -1)):
+        out = spaced.ddim_sample(stand_in(True), x, torch.full((len(x),), i), eta=0.5, noise=noises[k])
+        x = out["sample"]
+        assert (
+            steps[k][0] == k and torch.equal(steps[k][1], x) and torch.equal(steps[k][2], out["pred_xstart"])
+        )
+    assert len(steps) == 25 and rel_err(ours, x) <= TOL
     deterministic = DDIM(steps=25)(stand_in(True), diffusion, x_T)
     assert rel_err(ours, deterministic) > 1e-3  # eta > 0 really adds the noise
 
