@@ -28,7 +28,6 @@ import contextlib
 import ctypes
 import gc
 import json
-import math
 import os
 import re
 import statistics
@@ -49,16 +48,17 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffusion.config import register_configs, register_resolvers  # noqa: E402
-from diffusion.loggers import LossTracker  # noqa: E402
+import diffusion  # noqa: E402, F401  (registers the config schemas)
+from diffusion.tasks import Task  # noqa: E402
 from diffusion.training import (  # noqa: E402
-    build_model,
-    draw_for_batch,
+    StepPlan,
+    TrainState,
+    build_task,
+    lr_lambda,
     make_ema,
     make_optimizer,
-    optimizer_step,
-    update_ema,
 )
+from diffusion.training import train_step as engine_train_step  # noqa: E402
 
 THREADS = 2
 MODELS = ("unet_digits", "unet_32", "unet_64")
@@ -312,85 +312,62 @@ def model_config(plan: Plan, model: str, extra: Sequence[str] = ()) -> DictConfi
 
 @dataclass
 class TrainSetup:
-    """Everything one optimizer step of the engine touches, built as diffusion/training.py builds it."""
+    """One optimizer step of the engine on a fixed random batch: the engine's own task, state and step plan."""
 
     cfg: DictConfig
     hw: object
-    diffusion: object
-    model: torch.nn.Module
-    train_model: Callable
-    ema_models: dict
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    sampler: object
-    tracker: LossTracker
+    task: Task
+    state: TrainState
+    net: Callable  # what the forward pass calls: the model, compiled where the hardware preset says
+    plan: StepPlan
     x: torch.Tensor
-    y: torch.Tensor | None
-    ema_update: Callable = update_ema
-    step: int = 0
+    y: torch.Tensor
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.state.model
 
 
-def build_train(cfg: DictConfig, batch: int, ema_update: Callable = update_ema):
-    """A model, its EMA, optimizer and a fixed batch of ``batch`` random images, from a composed train config."""
+def build_train(cfg: DictConfig, batch: int) -> TrainSetup:
+    """The model, EMA, optimizer and schedule of ``cfg`` as the engine builds them, and a fixed batch of ``batch``
+    random images (in place of the data loader)."""
     hw = instantiate(cfg.hardware)
-    diffusion = instantiate(cfg.diffusion)
+    task = build_task(cfg)
     m = cfg.model
-    data = SimpleNamespace(
-        image_size=m.image_size, channels=m.in_channels, num_classes=m.num_classes if m.class_cond else 0
-    )
-    model, _ = build_model(cfg, data, diffusion)
+    num_classes = m.num_classes if m.class_cond else 0
+    data = SimpleNamespace(image_size=m.image_size, channels=m.in_channels, num_classes=num_classes)
+    model, _ = task.build_model(cfg.model, data)
     model = hw.prepare_model(model).train()
-    ema_models = make_ema(model, cfg.optim.ema_rates)
     optimizer = make_optimizer(cfg, model, hw)
+    state = TrainState(
+        model=model,
+        ema=make_ema(model, cfg.optim.ema_rates),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.optim.lr_anneal_steps)
+        ),
+        scaler=hw.grad_scaler(),
+        sampler=task.sampler,
+        loader=None,
+    )
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, m.in_channels, m.image_size, m.image_size, generator=gen).mul(2).sub(1)
-    y = torch.randint(0, m.num_classes, (batch,), generator=gen) if m.class_cond else None
-    x = hw.prepare_batch(x)
+    y = torch.randint(0, max(num_classes, 1), (batch,), generator=gen)
     return TrainSetup(
         cfg=cfg,
         hw=hw,
-        diffusion=diffusion,
-        model=model,
-        train_model=torch.compile(model) if hw.compile else model,
-        ema_models=ema_models,
-        optimizer=optimizer,
-        scaler=hw.grad_scaler(),
-        sampler=instantiate(cfg.sampler, num_timesteps=diffusion.num_timesteps),
-        tracker=LossTracker(diffusion.original_num_steps, hw.device, prefix=""),
-        x=x,
-        y=None if y is None else y.to(hw.device),
-        ema_update=ema_update,
+        task=task,
+        state=state,
+        net=torch.compile(model) if hw.compile else model,
+        plan=StepPlan(global_batch=batch, micro=batch, seed=cfg.seed),
+        x=hw.prepare_batch(x),
+        y=y.to(hw.device),
     )
 
 
-def losses(s: TrainSetup, net: Callable) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """The engine's loss: timesteps and noise keyed by the step, hybrid loss weighted by the sampler."""
-    t, w, noise = draw_for_batch(s.sampler, tuple(s.x.shape), s.hw.device, s.cfg.seed, s.step)
-    kwargs = {"y": s.y} if s.y is not None else {}
-    with s.hw.autocast():
-        terms = s.diffusion.training_losses(net, s.x, t, model_kwargs=kwargs, noise=noise)
-    return (terms["loss"] * w).mean(), terms, t
-
-
-def train_step(s: TrainSetup) -> None:
-    """One optimizer step as the engine's loop takes it (one micro-batch; no data loading or logging)."""
-    s.optimizer.zero_grad(set_to_none=True)
-    loss, terms, t = losses(s, s.train_model)
-    s.scaler.scale(loss).backward()
-    s.sampler.update_with_losses(t, terms["loss"].detach())
-    s.tracker.add({k: v.detach() for k, v in terms.items()}, s.diffusion.original_timesteps(t))
-    optimizer_step(s.model, s.optimizer, s.scaler, math.inf)
-    s.ema_update(s.ema_models, s.model, s.step, s.cfg.optim.ema_warmup)
-    s.step += 1
-
-
-def update_ema_loop(ema_models: dict, model: torch.nn.Module, step: int, warmup: bool) -> None:
-    """The reference's EMA, one lerp per parameter: the baseline of the foreach-EMA lever."""
-    with torch.no_grad():
-        for rate, ema in ema_models.items():
-            decay = min(rate, (1 + step) / (10 + step)) if warmup else rate
-            for target, source in zip(ema.parameters(), model.parameters()):
-                target.lerp_(source, 1.0 - decay)
+def train_step(s: TrainSetup, net: Callable | None = None) -> None:
+    """One optimizer step through the engine's ``train_step`` (one micro-batch; no data loading or logging)."""
+    engine_train_step(s.state, s.task, net or s.net, s.x, s.y, s.plan, s.hw)
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -401,15 +378,10 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def train_flops(s: TrainSetup) -> int:
-    """FLOPs of one train step's forward and backward, counted on the uncompiled model (the optimizer's
-    elementwise work is not counted, as in MFU figures)."""
-
-    def forward_backward():
-        losses(s, s.model)[0].backward()
-
-    flops = count_flops(forward_backward)
-    s.optimizer.zero_grad(set_to_none=True)
-    return flops
+    """FLOPs of one train step, counted on the uncompiled model (the counter sees matmuls, convolutions and
+    attention: the forward and backward passes; the optimizer's and EMA's elementwise work is not counted, as
+    in MFU figures). The counted step is a real step: it also serves as a warm-up."""
+    return count_flops(lambda: train_step(s, net=s.model))
 
 
 def _measure_train(cfg: DictConfig, batch: int, device: torch.device, repeats: Repeats):
@@ -455,10 +427,9 @@ def sampling_rows(device: torch.device, plan: Plan) -> list[dict]:
     as sample.py runs it)."""
     cfg = model_config(plan, SAMPLE_MODEL)
     s = build_train(cfg, plan.sample_batch)
-    model = s.model
-    s.model.eval()
+    model = s.model.eval()
     x_T = torch.randn_like(s.x)
-    kwargs = {"y": s.y} if s.y is not None else {}
+    kwargs = {"y": s.y} if model.num_classes else {}
     rows = []
     for solver_name in SOLVERS:
         solver_cfg = model_config(
@@ -469,7 +440,7 @@ def sampling_rows(device: torch.device, plan: Plan) -> list[dict]:
         @torch.no_grad()
         def run(solver=solver):
             with s.hw.autocast():
-                solver(model, s.diffusion, x_T, model_kwargs=kwargs)
+                solver(model, s.task.diffusion, x_T, model_kwargs=kwargs)
 
         _, times = time_calls(run, device, plan.steps)
         rows.append(
@@ -503,40 +474,37 @@ def data_rows(plan: Plan) -> list[dict]:
 # --- levers -------------------------------------------------------------------------------------------------
 
 
-def _flip(key: str) -> Callable[[DictConfig], tuple[str, list[str], dict]]:
-    def variant(cfg: DictConfig) -> tuple[str, list[str], dict]:
+def _flip(key: str) -> Callable[[DictConfig], tuple[str, list[str]]]:
+    def variant(cfg: DictConfig) -> tuple[str, list[str]]:
         value = not getattr(instantiate(cfg.hardware), key)  # the preset's value as resolved on this device
-        return f"{key}={value}", [f"hardware.{key}={value}"], {}
+        return f"{key}={value}", [f"hardware.{key}={value}"]
 
     return variant
 
 
-# Each lever's variant against the preset's default: (label, Hydra overrides, build_train keyword arguments).
-LEVERS: dict[str, Callable[[DictConfig], tuple[str, list[str], dict]]] = {
+# Each lever's variant against the preset's default: (label, Hydra overrides).
+LEVERS: dict[str, Callable[[DictConfig], tuple[str, list[str]]]] = {
     "channels_last": _flip("channels_last"),
     "compile": _flip("compile"),
-    "sdpa": lambda cfg: ("plain attention (no SDPA)", ["model.use_sdpa=false"], {}),
+    "sdpa": lambda cfg: ("plain attention (no SDPA)", ["model.use_sdpa=false"]),
     "optimizer_foreach": lambda cfg: (
         "AdamW foreach (not fused)",
         ["hardware.fused_optimizer=false", "+optim.optimizer.foreach=true"],
-        {},
     ),
     "optimizer_loop": lambda cfg: (
         "AdamW for-loop",
         ["hardware.fused_optimizer=false", "+optim.optimizer.foreach=false"],
-        {},
     ),
-    "ema_loop": lambda cfg: ("EMA per-parameter loop", [], {"ema_update": update_ema_loop}),
 }
 
 
 def lever_row(name: str, lever: str, device: torch.device, plan: Plan) -> dict:
     """Default vs variant, built side by side and timed alternately so that load changes hit both alike."""
     cfg = model_config(plan, name)
-    label, overrides, kwargs = LEVERS[lever](cfg)
+    label, overrides = LEVERS[lever](cfg)
     batch = plan.batches.get(name, DEFAULT_BATCH)
     base = build_train(cfg, batch)
-    variant = build_train(model_config(plan, name, overrides), batch, **kwargs)
+    variant = build_train(model_config(plan, name, overrides), batch)
     base_times: list[float] = []
     variant_times: list[float] = []
 
@@ -701,8 +669,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def run(plan: Plan, skip: Sequence[str] = (), report: Callable[[str], None] = print) -> list[dict]:
     """Measure everything the plan asks for, in one process; ``report`` sees each section as it completes."""
-    register_configs()
-    register_resolvers()
     device = torch.device(plan.device)
     rows: list[dict] = []
     sections = [

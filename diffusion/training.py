@@ -1,8 +1,12 @@
-"""The training engine: one function that reads top to bottom.
+"""The training engine: one function that reads top to bottom, and the one step it repeats.
 
-set up processes -> run directory -> data -> diffusion, model, EMA -> optimizer -> resume -> logger -> loop.
-Everything is built from the composed config with ``hydra.utils.instantiate``; the loop keeps metrics on the
-device and synchronises with the host only once per log interval.
+``train``: processes -> run directory -> data -> task and network -> EMA, optimizer -> resume -> logger -> loop.
+``train_step``: one optimizer step over a global batch (micro-batches, DDP, AMP, clipping, EMA), also called by
+``benchmarks/bench.py``. ``TrainState``: everything a checkpoint holds, saved and restored by one object.
+
+What is optimised comes from the task (diffusion/tasks.py); everything is built from the composed config with
+``hydra.utils.instantiate``. The loop keeps metrics on the device and synchronises with the host only once per
+log interval.
 """
 
 from __future__ import annotations
@@ -14,16 +18,17 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from diffusion import checkpoint as ckpt
-from diffusion.config import LOADER_KEYS
+from diffusion.config import LOADER_KEYS, build
 from diffusion.data import InfiniteLoader
 from diffusion.distributed import (
     DistEnv,
@@ -34,14 +39,15 @@ from diffusion.distributed import (
     quiet_non_main,
     replicas_identical,
 )
+from diffusion.errors import UserError
 from diffusion.images import save_grid, to_uint8
 from diffusion.loggers import LossTracker
-from diffusion.solvers import generate
+from diffusion.tasks import RunContext, Task
 
 log = logging.getLogger(__name__)
 
 
-class TrainingError(ValueError):
+class TrainingError(UserError):
     """Training cannot go on; the message says why and what to change."""
 
 
@@ -55,85 +61,255 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike, name: str = "train", grou
         cleanup_distributed()
 
 
-def build_model(cfg: DictConfig, dataset, diffusion) -> tuple[torch.nn.Module, dict]:
-    """The configured network with the run-time values the data and the diffusion decide.
+def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str | None) -> dict:
+    # Checks that need no work: values, batch arithmetic and the output directory.
+    validate_config(cfg)
+    plan = StepPlan.from_config(cfg, env)
+    ckpt_dir, sample_dir = run_dir / "checkpoints", run_dir / "samples"
+    if env.is_main:
+        check_writable(run_dir)  # checkpoints/ and samples/ appear with their first file
+    hw = build(cfg.hardware, local_rank=env.local_rank)
+    device = hw.device
+    torch.manual_seed(cfg.seed + env.rank)
+    log.info("rank %d/%d on %s; run directory %s", env.rank, env.world_size, hw, run_dir)
 
-    Returns the model and its complete constructor config (stored in checkpoints, so that sampling needs no flags).
-    """
-    if cfg.model.image_size != dataset.image_size:
-        raise TrainingError(
-            f"model.image_size={cfg.model.image_size} but data.image_size={dataset.image_size}: set both to the "
-            "same value (data.image_size follows the model unless overridden)"
-        )
-    model_config = OmegaConf.to_container(cfg.model, resolve=True)
-    model_config.update(in_channels=dataset.channels, learn_sigma=diffusion.learns_sigma)
-    if cfg.model.class_cond:
-        if dataset.num_classes < 1:
-            raise TrainingError(
-                "model.class_cond=true but the data has no labels: set model.class_cond=false"
-            )
-        model_config["num_classes"] = dataset.num_classes
-    return instantiate(model_config), model_config
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Reject values that types alone cannot catch, before any work; each message names the key."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise TrainingError(
-            f"missing required value {missing[0]}: set it on the command line, e.g. {missing[0]}=..."
-        )
-    checks = [
-        (cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr}: must be > 0"),
-        (cfg.data.batch_size > 0, f"data.batch_size={cfg.data.batch_size}: must be > 0"),
-        (
-            cfg.data.microbatch >= 0,
-            f"data.microbatch={cfg.data.microbatch}: must be >= 0 (0 = no micro-batching)",
-        ),
-        (cfg.max_steps >= 0, f"max_steps={cfg.max_steps}: must be >= 0 (0 = until optim.lr_anneal_steps)"),
-        (cfg.optim.lr_anneal_steps >= 0, f"optim.lr_anneal_steps={cfg.optim.lr_anneal_steps}: must be >= 0"),
-        (cfg.optim.warmup_steps >= 0, f"optim.warmup_steps={cfg.optim.warmup_steps}: must be >= 0"),
-        (cfg.log_every > 0, f"log_every={cfg.log_every}: must be > 0"),
-        (cfg.save_every >= 0, f"save_every={cfg.save_every}: must be >= 0 (0 = only at the end)"),
-        (cfg.sample_every >= 0, f"sample_every={cfg.sample_every}: must be >= 0 (0 = only at the end)"),
-        (cfg.keep_last >= 1, f"keep_last={cfg.keep_last}: must be >= 1"),
-        (len(cfg.optim.ema_rates) > 0, "optim.ema_rates is empty: give at least one rate, e.g. [0.9999]"),
-        (
-            cfg.optim.max_nonfinite_steps > 0,
-            f"optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps}: must be > 0",
-        ),
-    ]
-    checks += [
-        (0 < r < 1, f"optim.ema_rates contains {r}: every rate must be in (0, 1)")
-        for r in cfg.optim.ema_rates
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise TrainingError(message)
-
-
-def lr_lambda(warmup_steps: int, anneal_steps: int):
-    """Multiplier of the base lr at a step: linear warm-up, then constant or linear decay to 0 (the reference)."""
-
-    def factor(step: int) -> float:
-        f = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-        if anneal_steps > 0:
-            f *= max(0.0, 1.0 - step / anneal_steps)
-        return f
-
-    return factor
-
-
-def make_ema(model: torch.nn.Module, rates) -> dict[float, torch.nn.Module]:
-    """A frozen copy of ``model`` per EMA rate, keyed by the rate."""
-    return {float(r): copy.deepcopy(model).requires_grad_(False).eval() for r in rates}
-
-
-def make_optimizer(cfg: DictConfig, model: torch.nn.Module, hw) -> torch.optim.Optimizer:
-    """The configured optimizer over the model's parameters, fused where the hardware group asks for it."""
-    return instantiate(cfg.optim.optimizer)(
-        model.parameters(), **({"fused": True} if hw.fused_optimizer else {})
+    # Data: each rank reads its shard of every global batch.
+    dataset = build_dataset(cfg.data, cache_dir=run_dir)
+    loader = InfiniteLoader(
+        dataset,
+        plan.per_rank,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
     )
+
+    # The task (what is optimised) and its network; EMA copies, optimizer, lr schedule, grad scaler.
+    task = build_task(cfg)
+    model, model_config = task.build_model(cfg.model, dataset)
+    model = hw.prepare_model(model)
+    log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    optimizer = make_optimizer(cfg, model, hw)
+    state = TrainState(
+        model=model,
+        ema=make_ema(model, cfg.optim.ema_rates),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.optim.lr_anneal_steps)
+        ),
+        scaler=hw.grad_scaler(),
+        sampler=task.sampler,
+        loader=loader,
+        config=OmegaConf.to_yaml(cfg, resolve=True),
+        model_config=model_config,
+        class_names=list(dataset.class_names),
+    )
+
+    # Resume the run in this directory, or start from given weights.
+    resume_path = find_resume(cfg, ckpt_dir)
+    if resume_path is not None:
+        state.load(resume_path, env)
+        log.info("resumed from %s at step %d", resume_path, state.step)
+    elif cfg.init_from:
+        state.init_weights(cfg.init_from)
+        log.info("initialised the weights from %s", cfg.init_from)
+    ddp = None
+    if env.distributed:
+        # DDP broadcasts rank 0's parameters to every rank when it is built; fresh EMAs start from them.
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if resume_path is None:
+            for ema in state.ema.values():
+                ema.load_state_dict(model.state_dict())
+    net = torch.compile(ddp or model) if hw.compile else (ddp or model)
+
+    # The logger lives on rank 0 only; it is started after the process group is up and always finished.
+    logger = None
+    if env.is_main:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        (run_dir / "class_names.json").write_text(json.dumps(state.class_names))
+        logger = build(cfg.logger)
+        state.wandb_id = logger.start(
+            str(run_dir), OmegaConf.to_container(cfg, resolve=True), name, group, state.wandb_id
+        )
+    total_steps = cfg.max_steps or cfg.optim.lr_anneal_steps or math.inf
+    run = RunContext(hw=hw, env=env, seed=cfg.seed)
+    guard = _install_preemption_guard()
+    exit_code = 1
+    try:
+        # The loop: one optimizer step over the global batch per iteration.
+        tracker = LossTracker(task.num_timesteps, device, prefix="")
+        nonfinite = NonFiniteSteps(device)
+        metrics: dict = {}
+        batches = iter(loader)
+        bar = tqdm(
+            total=None if math.isinf(total_steps) else total_steps,
+            initial=state.step,
+            desc="train",
+            disable=not env.is_main,
+            dynamic_ncols=True,
+        )
+        timer = Throughput(cfg.data.batch_size, state.step)
+        model.train()
+        while state.step < total_steps:
+            x, y = next(batches)
+            out = train_step(
+                state, task, net, hw.prepare_batch(x), y.to(device, non_blocking=True), plan, hw, ddp
+            )
+            tracker.add(out.terms, task.original_timesteps(out.t))
+            nonfinite.add(out.grad_norm)
+            bar.update(1)
+            step, done = state.step, state.step >= total_steps
+
+            if step % cfg.log_every == 0 or done:
+                metrics = tracker.compute()  # every rank takes part in the reduction
+                nonfinite.check(step, cfg.optim.max_nonfinite_steps, ckpt_dir)
+                metrics.update(
+                    lr=state.scheduler.get_last_lr()[0],
+                    grad_norm=out.grad_norm.item(),
+                    skipped_steps=nonfinite.skipped.item(),
+                    images_seen=step * cfg.data.batch_size,
+                    **timer.rates(step),
+                )
+                if hw.precision == "fp16":
+                    metrics["loss_scale"] = state.scaler.get_scale()
+                if device.type == "cuda":
+                    metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                if logger is not None:
+                    logger.log({f"train/{k}": v for k, v in metrics.items()}, step)
+                    bar.set_postfix(
+                        loss=f"{metrics.get('loss', math.nan):.4f}", img_s=f"{metrics['images_per_s']:.1f}"
+                    )
+                    log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            preempted = guard is not None and guard.requested_on_any_rank()  # ranks stop at the same step
+            if done or preempted or (cfg.save_every and step % cfg.save_every == 0):
+                state.save(ckpt_dir, env, cfg.keep_last, cfg.milestone_every)
+            if preempted:
+                log.warning(
+                    "pre-emption signal: saved step %d; handing over to the launcher to requeue", step
+                )
+                guard.hand_over()  # submitit requeues and exits; if the handler returns, training goes on
+            if env.is_main and (done or (cfg.sample_every and step % cfg.sample_every == 0)):
+                write_sample_grid(task, state, cfg, hw, sample_dir, logger)
+            if done or (cfg.eval_every and step % cfg.eval_every == 0):
+                evaluation = task.evaluate(state.first_ema, step, run)
+                if logger is not None and evaluation:
+                    logger.log(evaluation, step)
+                metrics.update(evaluation)
+        bar.close()
+        if env.distributed:  # DDP keeps replicas in step; verify it, a silent divergence would waste the run
+            if not replicas_identical(model):
+                raise TrainingError(
+                    f"parameters differ between ranks at step {state.step}: a DDP synchronisation bug"
+                )
+            log.info("parameters identical on all %d ranks at step %d", env.world_size, state.step)
+        exit_code = 0
+        return metrics
+    except torch.OutOfMemoryError as e:
+        raise TrainingError(
+            f"out of memory at step {state.step + 1} with {plan.micro} images per forward pass on {device}: "
+            f"lower data.batch_size, set data.microbatch={max(plan.micro // 2, 1)}, or set "
+            f"model.use_checkpoint=true; the checkpoints in {ckpt_dir} are intact"
+        ) from e
+    finally:
+        if guard is not None:
+            guard.uninstall()
+        if logger is not None:
+            logger.finish(exit_code)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How one optimizer step splits the global batch, and the settings of the step that never change."""
+
+    global_batch: int
+    micro: int  # images per forward pass on this rank
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    max_norm: float = math.inf  # gradient clipping (inf: measure the norm only)
+    ema_warmup: bool = True
+
+    @property
+    def per_rank(self) -> int:
+        return self.global_batch // self.world_size
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, env: DistEnv) -> StepPlan:
+        per_rank = cfg.data.batch_size // env.world_size
+        micro = cfg.data.microbatch if cfg.data.microbatch > 0 else per_rank
+        if cfg.data.batch_size % env.world_size or per_rank % micro:
+            raise TrainingError(
+                f"data.batch_size={cfg.data.batch_size} must be divisible by the world size ({env.world_size}) "
+                f"and each rank's share by data.microbatch={cfg.data.microbatch}"
+            )
+        return cls(
+            global_batch=cfg.data.batch_size,
+            micro=micro,
+            seed=cfg.seed,
+            rank=env.rank,
+            world_size=env.world_size,
+            max_norm=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf,
+            ema_warmup=cfg.optim.ema_warmup,
+        )
+
+
+@dataclass
+class StepOutput:
+    grad_norm: Tensor  # scalar, on the device; not finite when the step was skipped
+    terms: dict[str, Tensor]  # per-example loss terms of this rank's share, [N] each, detached
+    t: Tensor  # [N] the timesteps they were computed at
+
+
+def train_step(
+    state: TrainState,
+    task: Task,
+    net: torch.nn.Module,
+    x: Tensor,
+    y: Tensor,
+    plan: StepPlan,
+    hw,
+    ddp: DDP | None = None,
+) -> StepOutput:
+    """
+    One optimizer step over this rank's share of a global batch: forward and backward in micro-batches
+    (gradients all-reduced by DDP on the last one only), unscale, clip and step (skipped on the device when a
+    gradient is not finite), lr schedule, EMA.
+
+    :param net: what the forward pass calls: the model, DDP-wrapped and/or compiled.
+    :param x: this rank's [plan.per_rank x C x H x W] images, on the device; y: their [plan.per_rank] labels.
+    :param ddp: the DDP wrapper when distributed (for ``no_sync`` on all micro-batches but the last).
+    """
+    # Timesteps and noise are drawn for the whole global batch; rank r's k-th example is the global batch's
+    # example r + k * world_size (the loader's sharding), so each rank takes its slice.
+    t_all, w_all, noise_all = draw_for_batch(
+        state.sampler, (plan.global_batch, *x.shape[1:]), x.device, plan.seed, state.step
+    )
+    mine = slice(plan.rank, None, plan.world_size)
+    t, w, noise = t_all[mine], w_all[mine], noise_all[mine]
+    state.optimizer.zero_grad(set_to_none=True)
+    n_micro = len(x) // plan.micro
+    parts = []
+    for i in range(n_micro):
+        part = slice(i * plan.micro, (i + 1) * plan.micro)
+        sync = i == n_micro - 1 or ddp is None
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            with hw.autocast():
+                terms = task.losses(net, x[part], y[part], t[part], noise[part])
+            loss = (terms["loss"] * w[part]).mean() / n_micro
+            state.scaler.scale(loss).backward()
+        state.sampler.update_with_losses(t[part], terms["loss"].detach())
+        parts.append({k: v.detach() for k, v in terms.items()})
+    grad_norm = optimizer_step(state.model, state.optimizer, state.scaler, plan.max_norm)
+    state.scheduler.step()
+    update_ema(state.ema, state.model, state.step, plan.ema_warmup)  # a skipped step leaves params finite
+    state.step += 1
+    return StepOutput(grad_norm, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, t)
 
 
 def draw_for_batch(sampler, shape: tuple, device: torch.device, seed: int, step: int):
@@ -145,7 +321,7 @@ def draw_for_batch(sampler, shape: tuple, device: torch.device, seed: int, step:
     return t, weights, torch.randn(shape, generator=g, device=device)
 
 
-def optimizer_step(model: torch.nn.Module, optimizer, scaler, max_norm: float) -> torch.Tensor:
+def optimizer_step(model: torch.nn.Module, optimizer, scaler, max_norm: float) -> Tensor:
     """Unscale, clip to ``max_norm`` (inf: measure only) and step; returns the gradient norm, on the device.
 
     The scaler skips the step on the device when a gradient is not finite (no host synchronisation).
@@ -166,6 +342,247 @@ def update_ema(ema_models: dict, model: torch.nn.Module, step: int, warmup: bool
         torch._foreach_lerp_(list(ema.parameters()), params, 1.0 - decay)
 
 
+class NonFiniteSteps:
+    """Counts steps the scaler skipped for non-finite gradients, on the device; checked once per log interval."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)  # so far
+        self._run = torch.zeros((), dtype=torch.long, device=device)  # the current run of consecutive ones
+        self._worst = torch.zeros((), dtype=torch.long, device=device)  # the longest run this interval
+
+    def add(self, grad_norm: Tensor) -> None:
+        bad = (~torch.isfinite(grad_norm)).long()
+        self.skipped += bad
+        self._run = (self._run + 1) * bad
+        self._worst = torch.maximum(self._worst, self._run)
+
+    def check(self, step: int, limit: int, ckpt_dir: Path) -> None:
+        """TrainingError when ``limit`` consecutive steps were skipped within the interval ending at ``step``."""
+        worst = self._worst.item()
+        if worst >= limit:
+            raise TrainingError(
+                f"{worst} consecutive steps with non-finite gradients, up to step {step} "
+                f"(optim.max_nonfinite_steps={limit}); the last checkpoint in {ckpt_dir} is intact. Lower "
+                "optim.lr, set optim.grad_clip, or use bf16/fp32"
+            )
+        self._worst.zero_()
+
+
+class Throughput:
+    """Steps and images per second between two calls of :meth:`rates`."""
+
+    def __init__(self, global_batch: int, step: int) -> None:
+        self.global_batch = global_batch
+        self._time, self._step = time.perf_counter(), step
+
+    def rates(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        steps, elapsed = step - self._step, now - self._time
+        self._time, self._step = now, step
+        return {"steps_per_s": steps / elapsed, "images_per_s": steps * self.global_batch / elapsed}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a checkpoint holds
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds and a resume restores; :meth:`save` writes it, :meth:`load` reads it back."""
+
+    model: torch.nn.Module
+    ema: dict[float, torch.nn.Module]  # a frozen copy per EMA rate
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    sampler: object  # the timestep sampler
+    loader: InfiniteLoader | None  # None where nothing is loaded (the benchmark)
+    config: str = ""  # the run's resolved config, YAML
+    model_config: dict = field(default_factory=dict)  # the network's complete constructor config
+    class_names: list[str] = field(default_factory=list)
+    step: int = 0
+    wandb_id: str | None = None
+
+    @property
+    def first_ema(self) -> torch.nn.Module:
+        return next(iter(self.ema.values()))
+
+    def save(self, ckpt_dir: Path, env: DistEnv, keep_last: int = 2, milestone_every: int = 0) -> None:
+        """Gather every rank's RNG state and write one checkpoint from rank 0; all ranks wait for it."""
+        rng = {"torch": all_gather_object(torch.get_rng_state())}
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            rng["cuda"] = all_gather_object(torch.cuda.get_rng_state(device))
+        if env.is_main:
+            state = {
+                "step": self.step,
+                "model": self.model.state_dict(),
+                "ema": {str(r): e.state_dict() for r, e in self.ema.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "data": self.loader.state_dict(),
+                "rng": rng,
+                "wandb_run_id": self.wandb_id,
+                "config": self.config,
+                "model_config": OmegaConf.to_yaml(self.model_config),
+                "class_names": self.class_names,
+            }
+            path = ckpt.save_checkpoint(state, ckpt_dir, self.step, keep_last, milestone_every)
+            log.info("saved %s", path)
+        barrier()
+
+    def load(self, path: Path, env: DistEnv) -> None:
+        """Restore a checkpoint of this run: weights, EMAs, optimizer, schedules, data position and this rank's
+        RNG state, so that the run continues exactly as if it had not stopped."""
+        state = ckpt.load_checkpoint(path, map_location="cpu")
+        ckpt.load_weights(self.model, state["model"], f"resume checkpoint {path}")
+        for rate, ema in self.ema.items():
+            if str(rate) not in state["ema"]:
+                raise TrainingError(f"{path} has no EMA with rate {rate} (it has {sorted(state['ema'])})")
+            ema.load_state_dict(state["ema"][str(rate)])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.loader.load_state_dict(state["data"])
+        rng = state["rng"]
+        if len(rng["torch"]) != env.world_size:
+            raise TrainingError(
+                f"{path} was written by {len(rng['torch'])} ranks, this run has {env.world_size}: resume with "
+                "the same number of processes"
+            )
+        torch.set_rng_state(rng["torch"][env.rank])
+        device = next(self.model.parameters()).device
+        if device.type == "cuda" and rng.get("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"][env.rank], device)
+        check_classes(state.get("class_names") or [], self.class_names, path)
+        self.step, self.wandb_id = state["step"], state.get("wandb_run_id")
+
+    def init_weights(self, source: str) -> None:
+        """Start from the (EMA) weights of another run's checkpoint or of a plain state dict (OpenAI's files)."""
+        weights = ckpt.model_weights(ckpt.load_file(source), use_ema=True)
+        ckpt.load_weights(self.model, weights, f"init_from={source}")
+        for ema in self.ema.values():
+            ema.load_state_dict(self.model.state_dict())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_dataset(data_cfg: DictConfig, cache_dir: Path | None = None):
+    """The dataset of the ``data`` group (its loader keys left out); ``cache_dir`` where the class takes one."""
+    fields = {k: v for k, v in data_cfg.items() if k not in LOADER_KEYS}
+    if cache_dir is not None and "_target_" in fields and fields["_target_"].endswith("ImageFolder"):
+        return build(fields, cache_dir=str(cache_dir))
+    return build(fields)
+
+
+def build_task(cfg: DictConfig) -> Task:
+    """The ``task`` group's task, with the run's diffusion process, timestep sampler and grid solver."""
+    diffusion = build(cfg.diffusion)
+    sampler = build(cfg.sampler, num_timesteps=diffusion.num_timesteps)
+    # Capped at the process's length, so that short test processes can sample.
+    solver = build(cfg.solver, steps=min(cfg.solver.steps, diffusion.num_timesteps))
+    return build(cfg.task, diffusion=diffusion, sampler=sampler, solver=solver)
+
+
+def make_ema(model: torch.nn.Module, rates) -> dict[float, torch.nn.Module]:
+    """A frozen copy of ``model`` per EMA rate, keyed by the rate."""
+    return {float(r): copy.deepcopy(model).requires_grad_(False).eval() for r in rates}
+
+
+def make_optimizer(cfg: DictConfig, model: torch.nn.Module, hw) -> torch.optim.Optimizer:
+    """The configured optimizer over the model's parameters, fused where the hardware group asks for it."""
+    return build(cfg.optim.optimizer)(model.parameters(), **({"fused": True} if hw.fused_optimizer else {}))
+
+
+def lr_lambda(warmup_steps: int, anneal_steps: int):
+    """Multiplier of the base lr at a step: linear warm-up, then constant or linear decay to 0 (the reference)."""
+
+    def factor(step: int) -> float:
+        f = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if anneal_steps > 0:
+            f *= max(0.0, 1.0 - step / anneal_steps)
+        return f
+
+    return factor
+
+
+def write_sample_grid(task: Task, state: TrainState, cfg: DictConfig, hw, sample_dir: Path, logger) -> None:
+    """The first EMA's progress grid, as PNG and in the logger, when the task generates images."""
+    x = task.sample_grid(state.first_ema, cfg.num_grid_samples, cfg.seed, hw)
+    if x is None:
+        return
+    path = sample_dir / f"step_{state.step:08d}.png"
+    grid = save_grid(to_uint8(x), path)
+    if logger is not None:
+        logger.log_image("samples", grid, state.step, caption=f"step {state.step}")
+    log.info("sample grid %s", path)
+
+
+def _install_preemption_guard():
+    """Under submitit (SLURM), save before the job is requeued on its pre-emption/time-out signal."""
+    if "SUBMITIT_EXECUTOR" not in os.environ and "SUBMITIT_FOLDER" not in os.environ:
+        return None
+    from diffusion.cluster import PreemptionGuard
+
+    guard = PreemptionGuard()
+    guard.install()
+    return guard
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject values that types alone cannot catch, before any work; each message names the key."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if "data.dir" in missing:
+        raise TrainingError(
+            "missing required value data.dir: point it at a folder of images (data.dir=/data/imagenet), or "
+            "train on the built-in digits with experiment=digits"
+        )
+    if missing:
+        raise TrainingError(
+            f"missing required value {missing[0]}: set it on the command line, e.g. {missing[0]}=..."
+        )
+    checks = [
+        (cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr}: must be > 0"),
+        (cfg.data.batch_size > 0, f"data.batch_size={cfg.data.batch_size}: must be > 0"),
+        (
+            cfg.data.microbatch >= 0,
+            f"data.microbatch={cfg.data.microbatch}: must be >= 0 (0 = no micro-batching)",
+        ),
+        (cfg.max_steps >= 0, f"max_steps={cfg.max_steps}: must be >= 0 (0 = until optim.lr_anneal_steps)"),
+        (cfg.optim.lr_anneal_steps >= 0, f"optim.lr_anneal_steps={cfg.optim.lr_anneal_steps}: must be >= 0"),
+        (cfg.optim.warmup_steps >= 0, f"optim.warmup_steps={cfg.optim.warmup_steps}: must be >= 0"),
+        (cfg.log_every > 0, f"log_every={cfg.log_every}: must be > 0"),
+        (cfg.save_every >= 0, f"save_every={cfg.save_every}: must be >= 0 (0 = only at the end)"),
+        (cfg.sample_every >= 0, f"sample_every={cfg.sample_every}: must be >= 0 (0 = only at the end)"),
+        (cfg.eval_every >= 0, f"eval_every={cfg.eval_every}: must be >= 0 (0 = only at the end)"),
+        (cfg.keep_last >= 1, f"keep_last={cfg.keep_last}: must be >= 1"),
+        (len(cfg.optim.ema_rates) > 0, "optim.ema_rates is empty: give at least one rate, e.g. [0.9999]"),
+        (
+            cfg.optim.max_nonfinite_steps > 0,
+            f"optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps}: must be > 0",
+        ),
+    ]
+    checks += [
+        (0 < r < 1, f"optim.ema_rates contains {r}: every rate must be in (0, 1)")
+        for r in cfg.optim.ema_rates
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TrainingError(message)
+
+
 def check_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -174,8 +591,8 @@ def check_writable(run_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise TrainingError(
-            f"cannot write to the run directory {run_dir} ({e.strerror}): choose another "
-            "hydra.run.dir or fix its permissions"
+            f"cannot write to the run directory {run_dir} ({e.strerror}): choose another hydra.run.dir or fix "
+            "its permissions"
         ) from e
 
 
@@ -208,303 +625,3 @@ def check_classes(known: list[str], current: list[str], source: Path) -> None:
         f"{', '.join([c for c in known if c not in current][:5]) or 'none'}; the label indices would shift): "
         "use the same class folders or start a new run"
     )
-
-
-def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str | None) -> dict:
-    # Validation that needs no work: values, batch arithmetic and the output directory.
-    validate_config(cfg)
-    per_rank = cfg.data.batch_size // env.world_size
-    micro = cfg.data.microbatch if cfg.data.microbatch > 0 else per_rank
-    if cfg.data.batch_size % env.world_size or per_rank % micro:
-        raise TrainingError(
-            f"data.batch_size={cfg.data.batch_size} must be divisible by the world size ({env.world_size}) and "
-            f"each rank's share by data.microbatch={cfg.data.microbatch}"
-        )
-    ckpt_dir, sample_dir = run_dir / "checkpoints", run_dir / "samples"
-    if env.is_main:
-        check_writable(run_dir)  # checkpoints/ and samples/ appear with their first file
-    hw = instantiate(cfg.hardware, local_rank=env.local_rank)
-    device = hw.device
-    torch.manual_seed(cfg.seed + env.rank)
-    log.info("rank %d/%d on %s; run directory %s", env.rank, env.world_size, hw, run_dir)
-
-    # Data: each rank reads its shard of every global batch.
-    dataset_cfg = {k: v for k, v in cfg.data.items() if k not in LOADER_KEYS}
-    dataset = instantiate(dataset_cfg, **({"cache_dir": str(run_dir)} if "cache_dir" in dataset_cfg else {}))
-    loader = InfiniteLoader(
-        dataset,
-        per_rank,
-        rank=env.rank,
-        world_size=env.world_size,
-        seed=cfg.seed,
-        num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
-    )
-
-    # Diffusion process, network, EMA copies, timestep sampler.
-    diffusion = instantiate(cfg.diffusion)
-    model, model_config = build_model(cfg, dataset, diffusion)
-    model = hw.prepare_model(model)
-    ema_models = make_ema(model, cfg.optim.ema_rates)
-    sampler = instantiate(cfg.sampler, num_timesteps=diffusion.num_timesteps)
-    log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
-
-    # Optimizer, lr schedule, grad scaler.
-    optimizer = make_optimizer(cfg, model, hw)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.optim.lr_anneal_steps)
-    )
-    scaler = hw.grad_scaler()
-
-    # Resume the run in this directory, or start from given weights.
-    step, wandb_id = 0, None
-    resume_path = find_resume(cfg, ckpt_dir)
-    if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path, map_location="cpu")
-        ckpt.load_weights(model, state["model"], f"resume checkpoint {resume_path}")
-        for rate, ema in ema_models.items():
-            if str(rate) not in state["ema"]:
-                raise TrainingError(
-                    f"{resume_path} has no EMA with rate {rate} (it has {sorted(state['ema'])})"
-                )
-            ema.load_state_dict(state["ema"][str(rate)])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
-        loader.load_state_dict(state["data"])
-        rng = state["rng"]
-        if len(rng["torch"]) != env.world_size:
-            raise TrainingError(
-                f"{resume_path} was written by {len(rng['torch'])} ranks, this run has "
-                f"{env.world_size}: resume with the same number of processes"
-            )
-        torch.set_rng_state(rng["torch"][env.rank])
-        if device.type == "cuda" and rng.get("cuda"):
-            torch.cuda.set_rng_state(rng["cuda"][env.rank], device)
-        check_classes(state.get("class_names") or [], list(dataset.class_names), resume_path)
-        step, wandb_id = state["step"], state.get("wandb_run_id")
-        log.info("resumed from %s at step %d", resume_path, step)
-    elif cfg.init_from:
-        weights = ckpt.model_weights(ckpt.load_file(cfg.init_from), use_ema=True)
-        ckpt.load_weights(model, weights, f"init_from={cfg.init_from}")
-        for ema in ema_models.values():
-            ema.load_state_dict(model.state_dict())
-        log.info("initialised the weights from %s", cfg.init_from)
-    if env.distributed:
-        # DDP broadcasts rank 0's parameters to every rank when it is built.
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if resume_path is None:
-            for ema in ema_models.values():  # the EMAs start from the broadcast weights
-                ema.load_state_dict(model.state_dict())
-    else:
-        ddp_model = model
-    train_model = torch.compile(ddp_model) if hw.compile else ddp_model
-
-    # The logger lives on rank 0 only; it is started after the process group is up and always finished.
-    logger = None
-    if env.is_main:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        (run_dir / "class_names.json").write_text(json.dumps(list(dataset.class_names)))
-        logger = instantiate(cfg.logger)
-        wandb_id = logger.start(
-            str(run_dir), OmegaConf.to_container(cfg, resolve=True), name, group, wandb_id
-        )
-    total_steps = cfg.max_steps or cfg.optim.lr_anneal_steps or math.inf
-    guard = _install_preemption_guard()
-    exit_code = 1
-    try:
-        # The loop: one optimizer step over the global batch per iteration; metrics stay on the device.
-        tracker = LossTracker(diffusion.original_num_steps, device, prefix="")
-        skipped = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps so far
-        run_nonfinite = torch.zeros((), dtype=torch.long, device=device)  # current run of consecutive ones
-        worst_run = torch.zeros((), dtype=torch.long, device=device)  # the longest run this interval
-        n_micro = per_rank // micro
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        snapshot = dict(
-            model=model,
-            ema_models=ema_models,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=scaler,
-            sampler=sampler,
-            loader=loader,
-            dataset=dataset,
-            model_config=model_config,
-        )
-        metrics: dict = {}
-        batches = iter(loader)
-        bar = tqdm(
-            total=None if math.isinf(total_steps) else total_steps,
-            initial=step,
-            desc="train",
-            disable=not env.is_main,
-            dynamic_ncols=True,
-        )
-        t_interval, steps_interval = time.perf_counter(), 0
-        model.train()
-        while step < total_steps:
-            x, y = next(batches)
-            x, y = hw.prepare_batch(x), y.to(device, non_blocking=True)
-            # Drawn for the whole global batch; rank r's k-th example is the global batch's example
-            # r + k * world_size (the loader's sharding), so each rank takes its slice.
-            t_all, w_all, noise_all = draw_for_batch(
-                sampler, (cfg.data.batch_size, *x.shape[1:]), device, cfg.seed, step
-            )
-            mine = slice(env.rank, None, env.world_size)
-            t_mine, w_mine, noise_mine = t_all[mine], w_all[mine], noise_all[mine]
-            optimizer.zero_grad(set_to_none=True)
-            for i in range(n_micro):
-                part = slice(i * micro, (i + 1) * micro)
-                t = t_mine[part]
-                kwargs = {"y": y[part]} if model.num_classes else {}
-                # DDP all-reduces gradients on the last micro-batch only.
-                last = i == n_micro - 1
-                with contextlib.nullcontext() if last or not env.distributed else ddp_model.no_sync():
-                    with hw.autocast():
-                        terms = diffusion.training_losses(
-                            train_model, x[part], t, model_kwargs=kwargs, noise=noise_mine[part]
-                        )
-                    loss = (terms["loss"] * w_mine[part]).mean() / n_micro
-                    scaler.scale(loss).backward()
-                sampler.update_with_losses(t, terms["loss"].detach())
-                tracker.add({k: v.detach() for k, v in terms.items()}, diffusion.original_timesteps(t))
-            grad_norm = optimizer_step(model, optimizer, scaler, max_norm)
-            finite = torch.isfinite(grad_norm)
-            scheduler.step()
-            update_ema(ema_models, model, step, cfg.optim.ema_warmup)  # a skipped step leaves params finite
-            skipped += (~finite).long()
-            run_nonfinite = (run_nonfinite + 1) * (~finite).long()
-            worst_run = torch.maximum(worst_run, run_nonfinite)
-            step += 1
-            steps_interval += 1
-            bar.update(1)
-
-            if step % cfg.log_every == 0 or step >= total_steps:
-                metrics = tracker.compute()  # every rank takes part in the reduction
-                if worst_run.item() >= cfg.optim.max_nonfinite_steps:
-                    raise TrainingError(
-                        f"{worst_run.item()} consecutive steps with non-finite gradients, up to step {step} "
-                        f"(optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps}); the last checkpoint in "
-                        f"{ckpt_dir} is intact. Lower optim.lr, set optim.grad_clip, or use bf16/fp32"
-                    )
-                worst_run.zero_()
-                elapsed = time.perf_counter() - t_interval
-                metrics.update(
-                    lr=scheduler.get_last_lr()[0],
-                    grad_norm=grad_norm.item(),
-                    skipped_steps=skipped.item(),
-                    images_seen=step * cfg.data.batch_size,
-                    steps_per_s=steps_interval / elapsed,
-                    images_per_s=steps_interval * cfg.data.batch_size / elapsed,
-                )
-                if hw.precision == "fp16":
-                    metrics["loss_scale"] = scaler.get_scale()
-                if device.type == "cuda":
-                    metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                if logger is not None:
-                    logger.log({f"train/{k}": v for k, v in metrics.items()}, step)
-                    bar.set_postfix(
-                        loss=f"{metrics.get('loss', math.nan):.4f}", img_s=f"{metrics['images_per_s']:.1f}"
-                    )
-                    log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-                t_interval, steps_interval = time.perf_counter(), 0
-            preempted = guard is not None and guard.requested_on_any_rank()  # ranks stop at the same step
-            if step >= total_steps or preempted or (cfg.save_every and step % cfg.save_every == 0):
-                save_state(cfg, env, ckpt_dir, step, wandb_id, **snapshot)
-            if preempted:
-                log.warning(
-                    "pre-emption signal: saved step %d; handing over to the launcher to requeue", step
-                )
-                guard.hand_over()  # submitit requeues and exits; if the handler returns, training goes on
-            if env.is_main and (step >= total_steps or (cfg.sample_every and step % cfg.sample_every == 0)):
-                sample_grid(cfg, hw, diffusion, ema_models, model, sample_dir, step, logger)
-        bar.close()
-        if env.distributed:  # DDP keeps replicas in step; verify it, a silent divergence would waste the run
-            if not replicas_identical(model):
-                raise TrainingError(
-                    f"parameters differ between ranks at step {step}: a DDP synchronisation bug"
-                )
-            log.info("parameters identical on all %d ranks at step %d", env.world_size, step)
-        exit_code = 0
-        return metrics
-    except torch.OutOfMemoryError as e:
-        raise TrainingError(
-            f"out of memory at step {step + 1} with {micro} images per forward pass on {device}: lower "
-            f"data.batch_size, set data.microbatch={max(micro // 2, 1)}, or set model.use_checkpoint=true; "
-            f"the checkpoints in {ckpt_dir} are intact"
-        ) from e
-    finally:
-        if guard is not None:
-            guard.uninstall()
-        if logger is not None:
-            logger.finish(exit_code)
-
-
-def _install_preemption_guard():
-    """Under submitit (SLURM), save before the job is requeued on its pre-emption/time-out signal."""
-    if "SUBMITIT_EXECUTOR" not in os.environ and "SUBMITIT_FOLDER" not in os.environ:
-        return None
-    from diffusion.cluster import PreemptionGuard
-
-    guard = PreemptionGuard()
-    guard.install()
-    return guard
-
-
-def save_state(
-    cfg,
-    env,
-    ckpt_dir,
-    step,
-    wandb_id,
-    model,
-    ema_models,
-    optimizer,
-    scheduler,
-    scaler,
-    sampler,
-    loader,
-    dataset,
-    model_config,
-) -> None:
-    """Gather every rank's RNG state and write one checkpoint from rank 0; all ranks wait for it."""
-    rng = {"torch": all_gather_object(torch.get_rng_state())}
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        rng["cuda"] = all_gather_object(torch.cuda.get_rng_state(device))
-    if env.is_main:
-        state = {
-            "step": step,
-            "model": model.state_dict(),
-            "ema": {str(r): e.state_dict() for r, e in ema_models.items()},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "sampler": sampler.state_dict(),
-            "data": loader.state_dict(),
-            "rng": rng,
-            "wandb_run_id": wandb_id,
-            "config": OmegaConf.to_yaml(cfg, resolve=True),
-            "model_config": OmegaConf.to_yaml(model_config),
-            "class_names": list(getattr(dataset, "class_names", [])),
-        }
-        path = ckpt.save_checkpoint(state, ckpt_dir, step, cfg.keep_last, cfg.milestone_every)
-        log.info("saved %s", path)
-    barrier()
-
-
-def sample_grid(cfg, hw, diffusion, ema_models, model, sample_dir, step, logger) -> None:
-    """A grid from the first EMA with fixed noise and classes, so that successive grids are comparable."""
-    n = cfg.num_grid_samples
-    classes = torch.arange(n) % model.num_classes if model.num_classes else None
-    ema = next(iter(ema_models.values()))
-    solver = instantiate(
-        cfg.solver, steps=min(cfg.solver.steps, diffusion.num_timesteps)
-    )  # short test processes
-    x = generate(ema, diffusion, solver, range(n), cfg.seed, hw.device, classes, autocast=hw.autocast())
-    path = sample_dir / f"step_{step:08d}.png"
-    grid = save_grid(to_uint8(x), path)
-    if logger is not None:
-        logger.log_image("samples", grid, step, caption=f"step {step}")
-    log.info("sample grid %s", path)

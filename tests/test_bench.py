@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffusion.training import draw_for_batch
 from diffusion.unet import AttentionBlock, Dropout
 
 from conftest import ROOT, TINY, compose_cfg, run_script
@@ -30,16 +31,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_setup(*overrides: str, **kwargs) -> bench.TrainSetup:
+def tiny_setup(*overrides: str) -> bench.TrainSetup:
     """The tiny digits network with the same random weights for every variant and no zero-initialised layer
     (the zero output convolution would leave every other gradient zero, and Adam would amplify the
     rounding)."""
-    s = bench.build_train(compose_cfg([*TINY, *overrides]), batch=4, **kwargs)
+    s = bench.build_train(compose_cfg([*TINY, *overrides]), batch=4)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in s.model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-        for ema in s.ema_models.values():
+        for ema in s.state.ema.values():
             for target, p in zip(ema.parameters(), s.model.parameters()):
                 target.copy_(p)
     return s
@@ -83,13 +84,13 @@ def test_peak_memory_sees_a_freed_allocation():
 def test_train_step_updates_weights_and_ema_as_the_engine(one_thread):
     s = tiny_setup()
     params = [p.detach().clone() for p in s.model.parameters()]
-    ema = [p.detach().clone() for p in s.ema_models[0.9999].parameters()]
+    ema = [p.detach().clone() for p in s.state.ema[0.9999].parameters()]
     bench.train_step(s)
-    assert s.step == 1
+    assert s.state.step == 1
     moved = [not torch.equal(a, p) for a, p in zip(params, s.model.parameters())]
     assert sum(moved) > len(moved) // 2
     # The engine's warm-up EMA at step 0: decay = min(rate, 1/10).
-    for before, new, after in zip(ema, s.model.parameters(), s.ema_models[0.9999].parameters()):
+    for before, new, after in zip(ema, s.model.parameters(), s.state.ema[0.9999].parameters()):
         assert torch.allclose(after, before + 0.9 * (new.detach() - before), atol=1e-7)
 
 
@@ -100,22 +101,19 @@ def losses_after_two_steps(s: bench.TrainSetup) -> tuple[torch.Tensor, torch.Ten
     """Per-example losses of the trained model and of its EMA at step 2 (same timesteps and noise)."""
     for _ in range(2):
         bench.train_step(s)
+    t, _, noise = draw_for_batch(s.task.sampler, tuple(s.x.shape), s.hw.device, seed=0, step=2)
     with torch.no_grad():
-        return bench.losses(s, s.model)[1]["loss"], bench.losses(s, s.ema_models[0.9999])[1]["loss"]
+        return tuple(s.task.losses(net, s.x, s.y, t, noise)["loss"] for net in (s.model, s.state.ema[0.9999]))
 
 
-@pytest.mark.parametrize(
-    "lever", ["channels_last", "sdpa", "optimizer_foreach", "optimizer_loop", "ema_loop"]
-)
+@pytest.mark.parametrize("lever", ["channels_last", "sdpa", "optimizer_foreach", "optimizer_loop"])
 def test_levers_change_speed_not_results(lever, one_thread):
     base = tiny_setup()
-    label, overrides, kwargs = bench.LEVERS[lever](base.cfg)
-    assert label and (overrides or kwargs)
+    label, overrides = bench.LEVERS[lever](base.cfg)
+    assert label and overrides
     # Losses, not weights: a bias in front of a GroupNorm gets a rounding-noise gradient that Adam scales up
     # to a full step, without any effect on the function.
-    for ours, theirs in zip(
-        losses_after_two_steps(base), losses_after_two_steps(tiny_setup(*overrides, **kwargs))
-    ):
+    for ours, theirs in zip(losses_after_two_steps(base), losses_after_two_steps(tiny_setup(*overrides))):
         assert torch.allclose(ours, theirs, rtol=1e-4), lever
 
 
@@ -130,7 +128,7 @@ def test_lever_variants_really_switch(one_thread):
         ]
         assert layouts and all(layout == want for layout in layouts)
     s = tiny_setup(*bench.LEVERS["optimizer_foreach"](cfg)[1])
-    assert s.optimizer.defaults["foreach"] is True and not s.optimizer.defaults["fused"]
+    assert s.state.optimizer.defaults["foreach"] is True and not s.state.optimizer.defaults["fused"]
     s = tiny_setup(*bench.LEVERS["sdpa"](cfg)[1])
     attention = [m for m in s.model.modules() if isinstance(m, AttentionBlock)]
     assert attention and not any(m.use_sdpa for m in attention)

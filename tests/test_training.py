@@ -11,6 +11,7 @@ import torch
 
 from diffusion import checkpoint as ckpt
 from diffusion import training
+from diffusion.errors import UserError
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.training import TrainingError, lr_lambda, train, update_ema
 
@@ -182,7 +183,7 @@ def test_bad_config_is_rejected_before_work(tmp_path, overrides, message):
         with pytest.raises(TrainingError, match="missing required value data.dir"):
             train(tiny_cfg(*overrides), tmp_path)
         return
-    with pytest.raises(TrainingError, match=message):
+    with pytest.raises(UserError, match=message):
         train(tiny_cfg("max_steps=1", *overrides), tmp_path)
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
@@ -203,16 +204,18 @@ def test_resume_from_an_incompatible_model_names_the_keys(tmp_path):
         train(tiny_cfg("max_steps=2", "model.num_channels=64"), tmp_path)
 
 
-def test_build_model_takes_runtime_values_from_data_and_diffusion(tmp_path):
-    cfg = tiny_cfg("diffusion=ddpm")
-    from hydra.utils import instantiate
-
+def test_the_task_builds_the_model_with_runtime_values_from_data_and_diffusion(tmp_path):
     from diffusion.data import Digits
 
-    model, model_config = training.build_model(cfg, Digits(image_size=8), instantiate(cfg.diffusion))
+    task = training.build_task(tiny_cfg("diffusion=ddpm"))
+    model, model_config = task.build_model(tiny_cfg().model, Digits(image_size=8))
     assert (
         model.out_channels == 1 and model_config["learn_sigma"] is False and model_config["num_classes"] == 10
     )
+    with pytest.raises(UserError, match="model.class_cond=true but the data has no labels"):
+        task.build_model(
+            tiny_cfg().model, type("Unlabeled", (), dict(image_size=8, channels=1, num_classes=0))()
+        )
 
 
 def test_out_of_memory_says_what_to_change(tmp_path, monkeypatch):

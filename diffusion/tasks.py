@@ -1,0 +1,130 @@
+"""What the training loop optimises: the seam between the engine and the model family it trains.
+
+The engine (diffusion/training.py) owns everything that does not depend on the objective: data, EMA, optimizer,
+lr schedule, micro-batching, DDP, checkpoints, W&B, SLURM pre-emption. A task owns the rest:
+
+- ``build_model(model_cfg, data)``: the network, with the run-time values only the data and the task know;
+- ``losses(net, x, y, t, noise)``: per-example loss terms of one micro-batch, "loss" among them;
+- ``sample_grid(model, n, seed, hw)``: images for the periodic grids (None when the task does not generate);
+- ``evaluate(model, step, run)``: metrics the engine logs every ``eval_every`` steps.
+
+Every task is built from the ``task`` config group with the run's diffusion process and timestep sampler, which
+draws each example's timestep (and the engine draws its noise) from a generator keyed by (seed, step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from diffusion.config import build
+from diffusion.errors import ConfigError
+from diffusion.gaussian_diffusion import GaussianDiffusion
+from diffusion.solvers import Solver, generate
+from diffusion.timestep_samplers import ScheduleSampler
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a task's periodic work may need from the run: where and how to compute, and the run's seed."""
+
+    hw: object  # diffusion.hardware.Hardware
+    env: object  # diffusion.distributed.DistEnv
+    seed: int
+
+
+class Task:
+    """The interface the engine calls; see the module docstring.
+
+    :param diffusion: the process that noises training inputs (and, for generative tasks, samples).
+    :param sampler: draws the timestep of every training example.
+    """
+
+    def __init__(self, diffusion: GaussianDiffusion, sampler: ScheduleSampler) -> None:
+        self.diffusion = diffusion
+        self.sampler = sampler
+
+    @property
+    def num_timesteps(self) -> int:
+        """T of the original process: the loss tracker's quartiles split [0, T)."""
+        return self.diffusion.original_num_steps
+
+    def original_timesteps(self, t: Tensor) -> Tensor:
+        """:param t: a LongTensor [N] of the process's timesteps; returns the original indices [N]."""
+        return self.diffusion.original_timesteps(t)
+
+    def build_model(self, model_cfg: DictConfig, data) -> tuple[nn.Module, dict]:
+        raise NotImplementedError
+
+    def losses(self, net: nn.Module, x: Tensor, y: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def sample_grid(self, model: nn.Module, n: int, seed: int, hw) -> Tensor | None:
+        """``n`` images in [-1, 1] for a progress grid, [n x C x H x W]; None when the task does not generate."""
+        return None
+
+    def evaluate(self, model: nn.Module, step: int, run: RunContext) -> dict[str, float]:
+        """Metrics of ``model`` (the first EMA) at ``step``; every rank calls it. None by default."""
+        return {}
+
+
+def check_image_size(model_cfg: DictConfig, data) -> None:
+    if model_cfg.image_size != data.image_size:
+        raise ConfigError(
+            f"model.image_size={model_cfg.image_size} but data.image_size={data.image_size}: set both to the "
+            "same value (data.image_size follows the model unless overridden)"
+        )
+
+
+class DiffusionTask(Task):
+    """Denoising diffusion: the loss the process defines (ADM's L_simple, plus the bound for learned variances).
+
+    :param solver: the solver of the periodic sample grids.
+    """
+
+    def __init__(
+        self, diffusion: GaussianDiffusion, sampler: ScheduleSampler, solver: Solver | None = None
+    ) -> None:
+        super().__init__(diffusion, sampler)
+        self.solver = solver
+        self.class_cond = False
+
+    def build_model(self, model_cfg: DictConfig, data) -> tuple[nn.Module, dict]:
+        """The configured network with the data's channels and classes and the process's output channels.
+
+        :return: the model and its complete constructor config (stored in checkpoints, so that sampling
+            needs no flags).
+        """
+        check_image_size(model_cfg, data)
+        config = OmegaConf.to_container(model_cfg, resolve=True)
+        config.update(in_channels=data.channels, learn_sigma=self.diffusion.learns_sigma)
+        if config.get("class_cond"):
+            if data.num_classes < 1:
+                raise ConfigError(
+                    "model.class_cond=true but the data has no labels: set model.class_cond=false"
+                )
+            config["num_classes"] = data.num_classes
+        model = build(config)
+        self.class_cond = model.num_classes is not None
+        return model, config
+
+    def losses(self, net: nn.Module, x: Tensor, y: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
+        """
+        :param x: an [N x C x H x W] Tensor of clean images in [-1, 1]; y: [N] labels (ignored when the model
+            is unconditional); t: [N] timesteps; noise: standard normal noise like x.
+        :return: dict of [N] Tensors: "loss", and "mse" / "vb" where the process has them.
+        """
+        kwargs = {"y": y} if self.class_cond else {}
+        return self.diffusion.training_losses(net, x, t, model_kwargs=kwargs, noise=noise)
+
+    def sample_grid(self, model: nn.Module, n: int, seed: int, hw) -> Tensor | None:
+        """``n`` samples with fixed noise and classes (0, 1, 2...), so that successive grids are comparable."""
+        if self.solver is None:
+            return None
+        classes = torch.arange(n) % model.num_classes if model.num_classes else None
+        return generate(
+            model, self.diffusion, self.solver, range(n), seed, hw.device, classes, autocast=hw.autocast()
+        )
