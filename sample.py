@@ -7,21 +7,23 @@ checkpoint=256x256_diffusion.pt solver=ddim solver.steps=25
 
 from __future__ import annotations
 
+import logging
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from diffusion.config import register_configs, register_resolvers
+import diffusion  # noqa: F401  (registers the config schemas)
+from diffusion.errors import exit_on_user_error
 
-register_configs()
-register_resolvers()
+log = logging.getLogger("sample")
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from diffusion.sampling import exit_on_bad_request, sample
+    from diffusion.sampling import sample
 
-    exit_on_bad_request(lambda: sample(cfg, HydraConfig.get().runtime.output_dir))
+    exit_on_user_error(lambda: sample(cfg, HydraConfig.get().runtime.output_dir), log)
 
 
 if __name__ == "__main__":

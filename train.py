@@ -1,4 +1,4 @@
-"""Train a diffusion model: python train.py model=unet_128 data=image_folder data.dir=/data/imagenet optim.lr=1e-4
+"""Train a diffusion model: python train.py model=unet_128 data.dir=/data/imagenet optim.lr=1e-4
 
 `-m` turns any list of overrides into a sweep; `hydra/launcher=slurm` sends it to a SLURM cluster.
 `python train.py --help` lists the config groups; `--cfg job` prints the composed config.
@@ -7,16 +7,15 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from diffusion.config import register_configs, register_resolvers, user_error
+import diffusion  # noqa: F401  (registers the config schemas)
+from diffusion.errors import exit_on_user_error
 
-register_configs()
-register_resolvers()
 log = logging.getLogger("train")
 
 
@@ -27,15 +26,12 @@ def main(cfg: DictConfig) -> float | None:
 
     hydra_cfg = HydraConfig.get()
     name, group = run_name_and_group(hydra_cfg)
-    try:
-        metrics = train(cfg, hydra_cfg.runtime.output_dir, name=name, group=group)
-    except Exception as e:
-        message = user_error(e)
-        if message is None or hydra_cfg.mode.name == "MULTIRUN":
-            raise  # a bug, or a sweep job: the launcher reports it with its traceback
-        log.debug("training failed", exc_info=True)  # shown with hydra.verbose=true
-        log.error("%s", message)
-        sys.exit(1)
+
+    def run() -> dict:
+        return train(cfg, hydra_cfg.runtime.output_dir, name=name, group=group)
+
+    # A sweep job's failure is reported by its launcher, with the traceback; a single run's user error is one line.
+    metrics = run() if hydra_cfg.mode == RunMode.MULTIRUN else exit_on_user_error(run, log)
     return metrics.get("loss") if metrics else None
 
 

@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 
+from diffusion.errors import UserError
+
 FORMAT_VERSION = 1
 LATEST = "latest.pt"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message says which file and why."""
 
 

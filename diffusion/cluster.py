@@ -34,6 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from diffusion.errors import ConfigError
+
 # What signal.signal accepts and returns: a callable, SIG_DFL / SIG_IGN (ints), or None for a C handler.
 Handler = Callable[[int, FrameType | None], Any] | int | None
 
@@ -45,7 +47,7 @@ def preemption_signal() -> signal.Signals:
     try:
         return signal.Signals["SIG" + name.upper().removeprefix("SIG")]
     except KeyError:
-        raise ValueError(f"SUBMITIT_PREEMPT_SIGNAL={name!r} is not a signal name; use e.g. USR2") from None
+        raise ConfigError(f"SUBMITIT_PREEMPT_SIGNAL={name!r} is not a signal name; use e.g. USR2") from None
 
 
 class PreemptionGuard:

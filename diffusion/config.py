@@ -1,106 +1,102 @@
-"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+"""Typed schemas for every config group, registered in Hydra's ConfigStore when ``diffusion`` is imported.
 
-Each YAML option in ``conf/<group>/`` starts its defaults list with the schema of its group (``base_unet``,
-``base_optim``...), so an unknown key or a value of the wrong type fails when Hydra composes the config, with
-Hydra's own message naming the key, before any work starts. The ``_target_`` of each schema says which class
-``hydra.utils.instantiate`` builds from it; values that exist only at run time (the data's channels and classes,
-the diffusion's number of timesteps, the model's parameters) are passed as keyword arguments at instantiation.
+A component's schema is made from its constructor: one field per argument, with the argument's type and default,
+plus the ``_target_`` that ``hydra.utils.instantiate`` builds. The constructor is therefore the one place where a
+default is written; a YAML option in ``conf/<group>/`` starts its defaults list with its schema
+(``/schema_unet@_here_``) and holds only what differs from it. An unknown key or a value of the wrong type fails when
+Hydra composes the config, with Hydra's own message naming the key, before any work starts.
+
+Values that exist only at run time (the data's channels and classes, the diffusion's number of timesteps, the
+process's local rank) are left out of the schemas and passed as keyword arguments at instantiation.
+
+The schemas are stored as top-level configs (``schema_unet``, ``schema_adamw``...), not as options of a group, so
+``--help`` lists only the options a user can pick.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+_SCALARS = (bool, int, float, str)
+
+
+def _config_type(hint: Any) -> Any:
+    """The OmegaConf-supported type closest to a constructor's annotation (Any when there is none)."""
+    if hint in _SCALARS:
+        return hint
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        inner = _config_type(rest[0]) if len(rest) == 1 else Any
+        return inner | None if len(rest) < len(args) and inner is not Any else inner
+    if origin in (list, tuple, Sequence, typing.Sequence) or hint in (list, tuple):
+        item = args[0] if args else Any
+        return list[_config_type(item)] if item in _SCALARS else list[Any]
+    return Any
+
+
+def _field_for(default: Any) -> Any:
+    if default is inspect.Parameter.empty:
+        return field(default=MISSING)
+    if isinstance(default, (list, tuple, dict)):
+        value = list(default) if isinstance(default, tuple) else default
+        return field(default_factory=lambda: value.copy())
+    return field(default=default)
+
+
+def schema(
+    target: Callable,
+    *,
+    runtime: Sequence[str] = (),
+    defaults: dict[str, Any] | None = None,
+    base: type | None = None,
+) -> type:
+    """A structured-config dataclass with one field per argument of ``target``'s constructor.
+
+    :param target: the class (or function) ``instantiate`` builds.
+    :param runtime: arguments known only at run time; they are not config fields.
+    :param defaults: config-level defaults that differ from the constructor's, e.g. an interpolation
+        (``image_size: ${model.image_size}``). Keep this for values that cannot live in the constructor.
+    :param base: a dataclass whose fields come first (e.g. the data loader's settings).
+    """
+    hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    fields: list[tuple[str, Any, Any]] = [
+        ("_target_", str, field(default=f"{target.__module__}.{target.__qualname__}"))
+    ]
+    for name, p in inspect.signature(target).parameters.items():
+        if name in runtime or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = (defaults or {}).get(name, p.default)
+        fields.append((name, _config_type(hints.get(name, Any)), _field_for(default)))
+    return dataclasses.make_dataclass(f"{target.__name__}Config", fields, bases=(base,) if base else ())
 
 
 @dataclass
-class UNetConfig:
-    """The ADM UNet; field names are guided-diffusion's command-line flags."""
+class LoaderConfig:
+    """What every ``data`` option shares besides its dataset's constructor arguments."""
 
-    _target_: str = "diffusion.unet.UNetModel"
-    image_size: int = 64
-    in_channels: int = 3
-    num_channels: int = 128
-    num_res_blocks: int = 2
-    channel_mult: list[float] | None = None
-    attention_resolutions: list[int] = field(default_factory=lambda: [16, 8])  # in pixels
-    num_heads: int = 4
-    num_head_channels: int = -1
-    num_heads_upsample: int = -1
-    dropout: float = 0.0
-    use_scale_shift_norm: bool = True
-    resblock_updown: bool = False
-    use_new_attention_order: bool = False
-    learn_sigma: bool = False
-    class_cond: bool = False
-    num_classes: int = 1000
-    label_dropout: float = 0.0  # classifier-free guidance: probability of training with the null label
-    use_checkpoint: bool = False
-    use_sdpa: bool = True  # attention through F.scaled_dot_product_attention (false: the plain formula)
-    use_fp16: bool = False  # accepted for flag compatibility; precision comes from the hardware group
-
-
-@dataclass
-class DiffusionConfig:
-    _target_: str = "diffusion.gaussian_diffusion.GaussianDiffusion"
-    steps: int = 1000
-    noise_schedule: str = "linear"
-    model_mean_type: str = "epsilon"
-    model_var_type: str = "learned_range"
-    loss_type: str = "mse"
-    rescale_timesteps: bool = False
-    timestep_respacing: str | None = None
-
-
-@dataclass
-class DataConfig:
-    """Loader settings shared by every dataset; subclasses add the dataset's own fields."""
-
-    _target_: str = MISSING
-    image_size: int = "${model.image_size}"  # type: ignore[assignment]
-    channels: int = 3
     batch_size: int = 64  # global batch over all ranks
     microbatch: int = 0  # per-rank micro-batch size; 0 = the whole per-rank batch at once
     num_workers: int = 0
 
 
-@dataclass
-class DigitsConfig(DataConfig):
-    _target_: str = "diffusion.data.Digits"
-    channels: int = 1
-
-
-@dataclass
-class ImageFolderConfig(DataConfig):
-    _target_: str = "diffusion.data.ImageFolder"
-    dir: str = MISSING
-    labels: str = "filename"  # filename | subdir | none
-    random_crop: bool = False
-    random_flip: bool = True
-    on_error: str = "skip"  # skip | raise
-    cache_dir: str | None = None
-    num_workers: int = 4
-
-
-@dataclass
-class CIFAR10Config(DataConfig):
-    _target_: str = "diffusion.data.CIFAR10"
-    root: str = MISSING
-    image_size: int = 32
-    train: bool = True
-    random_flip: bool = True
-    num_workers: int = 2
-
-
 # Keys of the data group that configure the loader, not the dataset class.
-LOADER_KEYS = ("batch_size", "microbatch", "num_workers")
+LOADER_KEYS = tuple(f.name for f in dataclasses.fields(LoaderConfig))
 
 
 @dataclass
 class OptimConfig:
+    """The optimizer (built ``_partial_``: its parameters exist only at run time), EMA and lr schedule."""
+
     lr: float = 1e-4
     weight_decay: float = 0.0
     ema_rates: list[float] = field(default_factory=lambda: [0.9999])
@@ -120,74 +116,6 @@ class OptimConfig:
 
 
 @dataclass
-class UniformSamplerConfig:
-    _target_: str = "diffusion.timestep_samplers.UniformSampler"
-
-
-@dataclass
-class LossSecondMomentSamplerConfig:
-    _target_: str = "diffusion.timestep_samplers.LossSecondMomentSampler"
-    history_per_term: int = 10
-    uniform_prob: float = 0.001
-
-
-@dataclass
-class HardwareConfig:
-    _target_: str = "diffusion.hardware.Hardware"
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    tf32: bool = True
-    # null: the faster choice measured on each device (compile: on for CUDA; channels_last: on on the CPU)
-    compile: bool | None = None
-    channels_last: bool | None = None
-    fused_optimizer: bool = True
-    num_threads: int | None = None  # CPU intra-op threads; null = torch's default
-
-
-@dataclass
-class WandbLoggerConfig:
-    _target_: str = "diffusion.loggers.WandbLogger"
-    project: str = "diffusion"
-    entity: str | None = None
-    mode: str = "offline"  # online | offline | disabled
-    tags: list[str] = field(default_factory=list)
-    notes: str | None = None
-    init_timeout: float = 60.0  # seconds before an unreachable server makes the run fall back to offline
-
-
-@dataclass
-class JsonlLoggerConfig:
-    _target_: str = "diffusion.loggers.JsonlLogger"
-    filename: str = "metrics.jsonl"
-
-
-@dataclass
-class SolverConfig:
-    _target_: str = MISSING
-    steps: int = 50
-    clip_denoised: bool = True
-
-
-@dataclass
-class DDIMSolverConfig(SolverConfig):
-    _target_: str = "diffusion.solvers.DDIM"
-    eta: float = 0.0
-
-
-@dataclass
-class DDPMSolverConfig(SolverConfig):
-    _target_: str = "diffusion.solvers.DDPM"
-    steps: int = 250
-
-
-@dataclass
-class DPMSolverConfig(SolverConfig):
-    _target_: str = "diffusion.solvers.DPMSolverPP"
-    steps: int = 20
-    spacing: str = "logsnr"  # logsnr | time: where the steps go (evenly in log-SNR suits the linear schedule)
-
-
-@dataclass
 class TrainConfig:
     model: Any = MISSING
     diffusion: Any = MISSING
@@ -197,13 +125,15 @@ class TrainConfig:
     hardware: Any = MISSING
     logger: Any = MISSING
     solver: Any = MISSING  # how the periodic sample grids are generated
+    task: Any = MISSING  # what the loop optimises: the diffusion loss, a classifier's cross-entropy...
     seed: int = 0
     max_steps: int = 0  # stop after this many optimizer steps (0: run to optim.lr_anneal_steps, or forever)
     save_every: int = 1000
     keep_last: int = 2  # periodic checkpoints kept besides milestones
     milestone_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0 = none)
     log_every: int = 100
-    sample_every: int = 0  # 0 = only at the end of training
+    sample_every: int = 0  # sample grids every this many steps; 0 = only at the end of training
+    eval_every: int = 0  # the task's evaluation every this many steps; 0 = only at the end of training
     num_grid_samples: int = 16
     resume: str = "auto"  # auto | never | PATH
     init_from: str | None = None  # start a new run from these weights (project or OpenAI checkpoint)
@@ -241,29 +171,60 @@ class NLLConfig(CheckpointJobConfig):
     clip_denoised: bool = True
 
 
+def build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, with the :class:`~diffusion.errors.UserError` a constructor raised coming out
+    as itself rather than wrapped in Hydra's InstantiationException (whose message adds the full target path)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from diffusion.errors import find_user_error
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        error = find_user_error(e)
+        if error is None:
+            raise
+        raise error from e
+
+
+def component_schemas() -> dict[str, type]:
+    """Each component's schema by its ConfigStore name, made from the constructors."""
+    from diffusion import data, hardware, loggers, solvers, tasks, timestep_samplers, unet
+    from diffusion.gaussian_diffusion import GaussianDiffusion
+
+    follow_model = {"image_size": "${model.image_size}"}
+    return {
+        "schema_unet": schema(unet.UNetModel),
+        "schema_diffusion": schema(GaussianDiffusion),
+        "schema_digits": schema(data.Digits, defaults=follow_model, base=LoaderConfig),
+        "schema_image_folder": schema(
+            data.ImageFolder, runtime=("cache_dir",), defaults=follow_model, base=LoaderConfig
+        ),
+        "schema_cifar10": schema(data.CIFAR10, base=LoaderConfig),
+        "schema_adamw": OptimConfig,
+        "schema_uniform": schema(timestep_samplers.UniformSampler, runtime=("num_timesteps",)),
+        "schema_loss_second_moment": schema(
+            timestep_samplers.LossSecondMomentSampler, runtime=("num_timesteps",)
+        ),
+        "schema_hardware": schema(hardware.Hardware, runtime=("local_rank",)),
+        "schema_wandb": schema(loggers.WandbLogger),
+        "schema_jsonl": schema(loggers.JsonlLogger),
+        "schema_ddim": schema(solvers.DDIM),
+        "schema_ddpm": schema(solvers.DDPM),
+        "schema_dpm_solver": schema(solvers.DPMSolverPP),
+        "schema_diffusion_task": schema(tasks.DiffusionTask, runtime=("diffusion", "sampler", "solver")),
+    }
+
+
 def register_configs() -> None:
-    """Store the schemas in Hydra's ConfigStore (call before composing)."""
+    """Store the schemas in Hydra's ConfigStore (``import diffusion`` does it; repeating it is harmless)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="nll_schema", node=NLLConfig)
-    for group, name, node in [
-        ("model", "base_unet", UNetConfig),
-        ("diffusion", "base_diffusion", DiffusionConfig),
-        ("data", "base_digits", DigitsConfig),
-        ("data", "base_image_folder", ImageFolderConfig),
-        ("data", "base_cifar10", CIFAR10Config),
-        ("optim", "base_optim", OptimConfig),
-        ("sampler", "base_uniform", UniformSamplerConfig),
-        ("sampler", "base_loss_second_moment", LossSecondMomentSamplerConfig),
-        ("hardware", "base_hardware", HardwareConfig),
-        ("logger", "base_wandb", WandbLoggerConfig),
-        ("logger", "base_jsonl", JsonlLoggerConfig),
-        ("solver", "base_ddim", DDIMSolverConfig),
-        ("solver", "base_ddpm", DDPMSolverConfig),
-        ("solver", "base_dpm_solver", DPMSolverConfig),
-    ]:
-        cs.store(group=group, name=name, node=node)
+    for name, node in component_schemas().items():
+        cs.store(name=name, node=node)
 
 
 def launch_time(fmt: str) -> str:
@@ -289,23 +250,13 @@ def launch_time(fmt: str) -> str:
     return datetime.datetime.now().strftime(fmt)
 
 
+def per_gpu(gpus: int, with_gpus: Any, without: Any) -> Any:
+    """``with_gpus`` when a job asks for GPUs, else ``without``: a launcher setting that follows
+    ``gpus_per_node`` (one rank per GPU, or one rank on a CPU-only partition)."""
+    return with_gpus if int(gpus) > 0 else without
+
+
 def register_resolvers() -> None:
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("launch_time"):
-        OmegaConf.register_new_resolver("launch_time", launch_time, use_cache=True)
-
-
-def user_error(e: BaseException) -> str | None:
-    """The one-line message for an error the user can fix, or None for a bug (which keeps its traceback).
-
-    ``hydra.utils.instantiate`` wraps a constructor's ValueError in an InstantiationException; the message that
-    names the bad value is the original one.
-    """
-    from hydra.errors import InstantiationException
-
-    while isinstance(e, InstantiationException) and e.__cause__ is not None:
-        e = e.__cause__
-    if isinstance(e, (ValueError, OSError)):  # TrainingError, CheckpointError, SamplingError are ValueErrors
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-    return None
+    for name, resolver, cache in [("launch_time", launch_time, True), ("per_gpu", per_gpu, False)]:
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver, use_cache=cache)

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import pickle
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,40 +26,34 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from diffusion.errors import ConfigError, UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "webp", "bmp")
-LABEL_MODES = ("filename", "subdir", "none")
+LABEL_MODES = ("auto", "subdir", "filename", "none")
 ON_ERROR_MODES = ("skip", "raise")
-CIFAR10_CLASSES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
 # Scan results are stored with this version; a cache written by an older layout is rescanned.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+
+
+class DatasetNotFoundError(UserError, FileNotFoundError):
+    """A dataset's files are not where the config points; the message says where to put them."""
 
 
 def _check_image_size(image_size: int) -> None:
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        raise ConfigError(f"image_size must be a positive int, got {image_size!r}")
 
 
 def _check_channels(channels: int) -> None:
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+        raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def _resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -233,28 +226,41 @@ def _class_of(relpath: str, labels: str) -> str:
     parts = relpath.split("/")
     if labels == "subdir":
         if len(parts) < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"labels='subdir' needs every image inside a class sub-directory, but {relpath!r} lies "
                 "directly in dir; move it into a sub-directory or use labels='filename' or 'none'"
             )
         return parts[0]
     name = parts[-1]
     if "_" not in name:
-        raise ValueError(
+        raise ConfigError(
             f"labels='filename' needs file names like CLASS_anything.png, but {relpath!r} has no '_'; "
             "rename it or use labels='subdir' or 'none'"
         )
     return name.split("_")[0]
 
 
+def infer_label_mode(relpaths: list[str]) -> str:
+    """How a folder's layout labels its images (``labels="auto"``): "subdir" when every image lies in a class
+    sub-directory (dir/<class>/...: the ImageNet / torchvision layout), else "filename" when every file name has
+    a class prefix (dir/<class>_<anything>.png: guided-diffusion's convention), else "none" (unlabeled)."""
+    if relpaths and all("/" in p for p in relpaths):
+        return "subdir"
+    if relpaths and all("_" in p.rsplit("/", 1)[-1] for p in relpaths):
+        return "filename"
+    return "none"
+
+
 def scan_image_folder(root: str, labels: str) -> dict:
     """
     Find the images under ``root`` (recursively), probe each and label it.
 
-    :return: a JSON-ready dict with keys dir, labels, files ([relpath, class name, width, height] per usable
-        image) and skipped ([relpath, reason] per unusable one).
+    :param labels: "auto", "subdir", "filename" or "none" (see :class:`ImageFolder`).
+    :return: a JSON-ready dict with keys dir, labels (as asked), label_mode (as applied), files ([relpath, class
+        name, width, height] per usable image) and skipped ([relpath, reason] per unusable one).
     """
     relpaths = _list_images(root)
+    mode = infer_label_mode(relpaths) if labels == "auto" else labels
     with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
         # Probing is mostly waiting on the file system, so threads overlap it well.
         probes = list(pool.map(_probe, [os.path.join(root, p) for p in relpaths]))
@@ -263,8 +269,15 @@ def scan_image_folder(root: str, labels: str) -> dict:
         if isinstance(probe, str):
             skipped.append([relpath, probe])
         else:
-            files.append([relpath, _class_of(relpath, labels), probe[0], probe[1]])
-    return {"version": _CACHE_VERSION, "dir": root, "labels": labels, "files": files, "skipped": skipped}
+            files.append([relpath, _class_of(relpath, mode), probe[0], probe[1]])
+    return {
+        "version": _CACHE_VERSION,
+        "dir": root,
+        "labels": labels,
+        "label_mode": mode,
+        "files": files,
+        "skipped": skipped,
+    }
 
 
 def _cache_path(cache_dir: str, root: str, labels: str) -> str:
@@ -297,9 +310,9 @@ class ImageFolder(Dataset):
     Every image under a directory, preprocessed as openai/guided-diffusion does.
 
     Files with the extensions in IMAGE_EXTENSIONS (any case) are found recursively. Labels come from the
-    file-name prefix before the first ``_`` ("filename", the reference's convention), from the top-level
-    sub-directory ("subdir", the torchvision convention), or not at all ("none"); sorted class names give the
-    class indices.
+    top-level sub-directory ("subdir", the ImageNet / torchvision layout), from the file-name prefix before the
+    first ``_`` ("filename", the reference's convention), or not at all ("none"); "auto" (the default) picks the
+    one the folder's layout follows (:func:`infer_label_mode`). Sorted class names give the class indices.
 
     Bad files are caught twice. At scan time each file's header is parsed and verified (this catches
     zero-byte, non-image and most corrupt files cheaply); at load time a file whose body fails to decode
@@ -314,7 +327,7 @@ class ImageFolder(Dataset):
     :param dir: directory to search.
     :param image_size: side of the square crops.
     :param channels: 3 for RGB, 1 for grayscale.
-    :param labels: "filename", "subdir" or "none".
+    :param labels: "auto", "subdir", "filename" or "none".
     :param random_crop: random-resized crop instead of the center crop.
     :param random_flip: mirror left-right with probability 1/2.
     :param on_error: "skip" or "raise" for unreadable files.
@@ -326,7 +339,7 @@ class ImageFolder(Dataset):
         dir: str,
         image_size: int,
         channels: int = 3,
-        labels: str = "filename",
+        labels: str = "auto",
         random_crop: bool = False,
         random_flip: bool = True,
         on_error: str = "skip",
@@ -347,7 +360,7 @@ class ImageFolder(Dataset):
 
     def _scan(self, labels: str, cache_dir: str | None) -> dict:
         if not os.path.isdir(self.root):
-            raise ValueError(
+            raise ConfigError(
                 f"ImageFolder dir does not exist or is not a directory: looked at {self.root!r} for images "
                 f"with extensions {', '.join(IMAGE_EXTENSIONS)} (any case)"
             )
@@ -361,16 +374,16 @@ class ImageFolder(Dataset):
 
     def _apply_scan(self, scan: dict, labels: str) -> None:
         if not scan["files"] and not scan["skipped"]:
-            raise ValueError(
+            raise ConfigError(
                 f"ImageFolder found no images under {self.root!r} (searched recursively for extensions "
                 f"{', '.join(IMAGE_EXTENSIONS)}, any case)"
             )
         self.skipped = [[os.path.join(self.root, p), reason] for p, reason in scan["skipped"]]
         if self.skipped and self.on_error == "raise":
             path, reason = self.skipped[0]
-            raise ValueError(f"unreadable image {path!r} ({reason}); pass on_error='skip' to leave it out")
+            raise ConfigError(f"unreadable image {path!r} ({reason}); pass on_error='skip' to leave it out")
         if not scan["files"]:
-            raise ValueError(f"all {len(self.skipped)} image files under {self.root!r} are unreadable")
+            raise ConfigError(f"all {len(self.skipped)} image files under {self.root!r} are unreadable")
         if self.skipped:
             log.warning(
                 "ImageFolder skipped %d unreadable file(s) under %s: %s",
@@ -380,7 +393,8 @@ class ImageFolder(Dataset):
             )
         self.files = [os.path.join(self.root, f[0]) for f in scan["files"]]
         names = [f[1] for f in scan["files"]]
-        self.class_names = sorted(set(names)) if labels != "none" else []
+        self.label_mode = scan["label_mode"]
+        self.class_names = sorted(set(names)) if self.label_mode != "none" else []
         self.num_classes = len(self.class_names)
         index_of = {name: i for i, name in enumerate(self.class_names)}
         self.labels = [index_of.get(name, 0) for name in names]
@@ -410,9 +424,9 @@ class ImageFolder(Dataset):
                 return self._decode(self.files[i]), i
             except Exception as error:  # whatever PIL raises, the file is unusable
                 if self.on_error == "raise":
-                    raise ValueError(f"unreadable image {self.files[i]!r}: {error}") from error
+                    raise ConfigError(f"unreadable image {self.files[i]!r}: {error}") from error
                 self._report_load_failure(self.files[i], error)
-        raise ValueError(f"no image under {self.root!r} could be decoded")
+        raise ConfigError(f"no image under {self.root!r} could be decoded")
 
     def _report_load_failure(self, path: str, error: Exception) -> None:
         if all(p != path for p, _ in self.skipped):
@@ -442,34 +456,10 @@ class ImageFolder(Dataset):
 # CIFAR-10
 
 
-def _field(batch: dict, name: str):
-    # The original batches were pickled by Python 2, so their keys load as bytes; re-pickled ones use str.
-    return batch[name] if name in batch else batch[name.encode()]
-
-
-def _read_pickle(path: str) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
-
-
-def _find_cifar_batches(root: str, train: bool) -> tuple[str, list[str]]:
-    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-    root = os.path.abspath(os.path.expanduser(str(root)))
-    candidates = [os.path.join(root, "cifar-10-batches-py"), root]
-    for folder in candidates:
-        if all(os.path.isfile(os.path.join(folder, n)) for n in names):
-            return folder, [os.path.join(folder, n) for n in names]
-    raise FileNotFoundError(
-        f"CIFAR-10 not found: expected {os.path.join(root, 'cifar-10-batches-py')}/ holding "
-        f"{', '.join(names)} and batches.meta. Download cifar-10-python.tar.gz from "
-        f"https://www.cs.toronto.edu/~kriz/cifar.html and run `tar -xzf cifar-10-python.tar.gz -C {root}` "
-        "(this dataset never downloads by itself)"
-    )
-
-
 class CIFAR10(Dataset):
     """
-    CIFAR-10 from the python batches (torchvision's ``cifar-10-batches-py`` layout) in a local ``root``.
+    CIFAR-10 from the python batches in a local ``root``, read by ``torchvision.datasets.CIFAR10`` (which checks
+    the files' checksums and never downloads here).
 
     :param root: folder that contains ``cifar-10-batches-py`` (or that folder itself).
     :param image_size: side of the output; 32 is native, others are resized bilinearly.
@@ -477,6 +467,8 @@ class CIFAR10(Dataset):
     :param train: the 50,000 training images, or the 10,000 test images.
     :param random_flip: mirror left-right with probability 1/2.
     """
+
+    FOLDER = "cifar-10-batches-py"
 
     def __init__(
         self,
@@ -486,26 +478,31 @@ class CIFAR10(Dataset):
         train: bool = True,
         random_flip: bool = True,
     ) -> None:
+        from torchvision.datasets import CIFAR10 as TorchvisionCIFAR10
+
         _check_image_size(image_size)
         _check_channels(channels)
-        folder, paths = _find_cifar_batches(root, train)
-        batches = [_read_pickle(p) for p in paths]
-        data = np.concatenate([np.asarray(_field(b, "data"), dtype=np.uint8) for b in batches])
-        self.images = torch.from_numpy(data.reshape(-1, 3, 32, 32))  # uint8 (N, 3, 32, 32), decoded per item
-        self.targets = torch.from_numpy(np.concatenate([np.asarray(_field(b, "labels")) for b in batches]))
-        self.class_names = self._read_class_names(folder)
+        root = os.path.abspath(os.path.expanduser(str(root)))
+        if os.path.basename(root) == self.FOLDER:
+            root = os.path.dirname(root)
+        try:
+            batches = TorchvisionCIFAR10(root, train=train, download=False)
+        except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
+            raise DatasetNotFoundError(
+                f"CIFAR-10 not found or corrupted ({e}): expected {os.path.join(root, self.FOLDER)}/ holding "
+                "data_batch_1..5, test_batch and batches.meta. Download cifar-10-python.tar.gz from "
+                f"https://www.cs.toronto.edu/~kriz/cifar.html and run `tar -xzf cifar-10-python.tar.gz -C {root}` "
+                "(this dataset never downloads by itself)"
+            ) from None
+        self.images = torch.from_numpy(batches.data).permute(
+            0, 3, 1, 2
+        )  # uint8 (N, 3, 32, 32), decoded per item
+        self.targets = torch.tensor(batches.targets, dtype=torch.int64)
+        self.class_names = list(batches.classes)
         self.num_classes = len(self.class_names)
         self.image_size = image_size
         self.channels = channels
         self.random_flip = random_flip
-
-    @staticmethod
-    def _read_class_names(folder: str) -> list[str]:
-        meta = os.path.join(folder, "batches.meta")
-        if not os.path.isfile(meta):
-            return list(CIFAR10_CLASSES)
-        names = _field(_read_pickle(meta), "label_names")
-        return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -583,12 +580,12 @@ class InfiniteLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+            raise ConfigError(f"seed must be >= 0, got {seed}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
         per_rank = len(dataset) // world_size
         if not 1 <= batch_size <= per_rank:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size must be in [1, {per_rank}] (the {len(dataset)} items split over "
                 f"{world_size} rank(s)), got {batch_size}"
             )
@@ -647,7 +644,7 @@ class InfiniteLoader:
         """Continue at ``state`` on the next ``iter()``; skipped batches are never decoded."""
         epoch, batch = int(state["epoch"]), int(state["batch"])
         if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
-            raise ValueError(
+            raise ConfigError(
                 f"loader state must have epoch >= 0 and batch in [0, {self.batches_per_epoch}), got {state}"
             )
         self._epoch, self._batch = epoch, batch

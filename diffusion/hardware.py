@@ -7,6 +7,8 @@ import logging
 
 import torch
 
+from diffusion.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,19 +43,19 @@ class Hardware:
         local_rank: int = 0,
     ) -> None:
         if device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"hardware.device={device!r}: use auto, cpu or cuda")
+            raise ConfigError(f"hardware.device={device!r}: use auto, cpu or cuda")
         if precision not in ("auto", *PRECISIONS):
-            raise ValueError(f"hardware.precision={precision!r}: use auto, fp32, bf16 or fp16")
+            raise ConfigError(f"hardware.precision={precision!r}: use auto, fp32, bf16 or fp16")
         if num_threads is not None:
             if num_threads < 1:
-                raise ValueError(
+                raise ConfigError(
                     f"hardware.num_threads={num_threads}: must be >= 1 (or null for torch's default)"
                 )
             torch.set_num_threads(num_threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("hardware.device=cuda but no CUDA device is visible: use hardware=cpu")
+            raise ConfigError("hardware.device=cuda but no CUDA device is visible: use hardware=cpu")
         if precision == "auto":
             if device == "cpu":
                 precision = "fp32"

@@ -1,4 +1,4 @@
-"""Converting model outputs to images and writing sample grids."""
+"""Converting model outputs to images and writing sample grids (torchvision's make_grid and save_image)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from torchvision.utils import make_grid, save_image
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -15,27 +16,21 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tile uint8 [N x H x W x C] images into one uint8 [H' x W' x C] grid with ``pad`` pixels between."""
-    n, h, w, c = images.shape
-    ncol = ncol or math.ceil(math.sqrt(n))
-    nrow = math.ceil(n / ncol)
-    grid = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.uint8)
-    for k, img in enumerate(images):
-        r, col = divmod(k, ncol)
-        grid[
-            pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w
-        ] = img
-    return grid
+def save_grid(images: np.ndarray, path: str | Path, min_size: int = 256, pad: int = 2) -> np.ndarray:
+    """
+    Tile uint8 images into a square-ish grid and write it as PNG, upscaled with nearest neighbours so that small
+    images stay visible.
 
-
-def save_grid(images: np.ndarray, path: str | Path, min_size: int = 256) -> np.ndarray:
-    """Write a PNG grid, upscaled with nearest neighbours so that small images stay visible; returns the grid."""
-    grid = make_grid(images)
-    scale = max(1, min_size // max(grid.shape[:2]))
+    :param images: a uint8 [N x H x W x C] array (C = 1 or 3).
+    :param min_size: the grid is enlarged by an integer factor until its longer side reaches this.
+    :return: the grid as written, a uint8 [H' x W' x 3] array (grayscale images repeated into RGB).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0  # (N, C, H, W)
+    # (3, H', W'): make_grid repeats a single channel into RGB, as save_image writes it.
+    grid = make_grid(x, nrow=math.ceil(math.sqrt(len(x))), padding=pad, pad_value=0.0)
+    scale = max(1, min_size // max(grid.shape[1:]))
     if scale > 1:
-        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    pil = Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid)
+        grid = F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pil.save(path)
-    return grid
+    save_image(grid, path)
+    return (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()

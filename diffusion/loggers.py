@@ -34,6 +34,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
+from diffusion.errors import ConfigError
+
 MODES = ("online", "offline", "disabled")
 # Older W&B releases and many cluster profiles still spell the modes this way.
 _MODE_ALIASES = {"dryrun": "offline", "run": "online"}
@@ -42,7 +44,7 @@ _MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 def _check_mode(mode: str, name: str) -> str:
     mode = _MODE_ALIASES.get(mode, mode)
     if mode not in MODES:
-        raise ValueError(f"{name} must be one of {MODES}, got {mode!r}")
+        raise ConfigError(f"{name} must be one of {MODES}, got {mode!r}")
     return mode
 
 
@@ -101,7 +103,7 @@ class WandbLogger:
     ) -> None:
         self.mode = _check_mode(mode, "mode")
         if init_timeout <= 0:
-            raise ValueError(f"init_timeout must be a positive number of seconds, got {init_timeout}")
+            raise ConfigError(f"init_timeout must be a positive number of seconds, got {init_timeout}")
         self.project = project
         self.entity = entity
         self.tags = list(tags) if tags else None

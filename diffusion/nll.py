@@ -23,22 +23,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.config import LOADER_KEYS
+from diffusion import CONF_DIR
+from diffusion.config import LOADER_KEYS, build
 from diffusion.data import InfiniteLoader
 from diffusion.distributed import DistEnv, all_gather_object, cleanup_distributed, init_distributed
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from diffusion.sampling import (
-    SamplingError,
-    build,
-    check_complete,
-    exit_on_bad_request,
-    load_model,
-    sampling_hardware,
-)
+from diffusion.sampling import SamplingError, check_complete, load_model, sampling_hardware
 from diffusion.solvers import derived_seed
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TERMS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")
 
 
@@ -159,14 +152,11 @@ def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from diffusion.config import register_configs, register_resolvers
-
-    register_configs()
-    register_resolvers()
+    from diffusion.errors import exit_on_user_error
 
     @hydra.main(config_path=str(CONF_DIR), config_name="nll", version_base="1.3")
     def run(cfg: DictConfig) -> None:
-        exit_on_bad_request(lambda: evaluate(cfg, HydraConfig.get().runtime.output_dir))
+        exit_on_user_error(lambda: evaluate(cfg, HydraConfig.get().runtime.output_dir), log)
 
     run()
 

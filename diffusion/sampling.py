@@ -10,50 +10,28 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from diffusion import CONF_DIR
 from diffusion import checkpoint as ckpt
+from diffusion.config import build
 from diffusion.distributed import DistEnv, barrier, cleanup_distributed, init_distributed
+from diffusion.errors import UserError
 from diffusion.images import save_grid, to_uint8
 from diffusion.solvers import check_guidance, generate
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError):
     """The sampling request cannot be met; the message says what to change."""
-
-
-def exit_on_bad_request(work: Callable[[], object]) -> None:
-    """Run ``work`` (a command-line entry point's job); a bad request ends the process with its one-line
-    message and exit status 1 instead of a traceback (still in the log file at DEBUG level)."""
-    try:
-        work()
-    except (ckpt.CheckpointError, ValueError) as e:
-        log.debug("request failed", exc_info=True)
-        log.error("%s", e)
-        sys.exit(1)
-
-
-def build(node, **kwargs):
-    """``instantiate`` whose bad-value errors come out as the component's own one-line ValueError."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, ValueError):
-            raise SamplingError(str(e.__cause__)) from e.__cause__
-        raise
 
 
 def _compose_model(name: str) -> DictConfig:
@@ -80,9 +58,6 @@ def _preset_shapes(name: str) -> dict[str, tuple[int, ...]]:
 
 def matching_presets(state_dict: dict) -> list[str]:
     """Model presets in ``conf/model`` whose key/shape layout equals ``state_dict``'s."""
-    from diffusion.config import register_configs
-
-    register_configs()
     theirs = _shapes(state_dict)
     return [p.stem for p in sorted((CONF_DIR / "model").glob("*.yaml")) if _preset_shapes(p.stem) == theirs]
 
@@ -150,10 +125,7 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, object, dict]:
 def class_labels(cfg: DictConfig, model: torch.nn.Module) -> torch.Tensor | None:
     """The class of every requested image, a LongTensor [num_samples]: ``classes`` cycled, or all classes in
     turn; None for an unconditional model. Also checks that ``guidance_scale`` suits the model."""
-    try:
-        check_guidance(model, cfg.guidance_scale)
-    except ValueError as e:
-        raise SamplingError(str(e)) from None
+    check_guidance(model, cfg.guidance_scale)
     if not model.num_classes:
         if cfg.classes:
             raise SamplingError(
@@ -221,10 +193,7 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
     hw = sampling_hardware(cfg.hardware, info["channels_last"], env.local_rank)
     labels = class_labels(cfg, model)
     solver = build(cfg.solver)
-    try:
-        solver.check(diffusion)
-    except ValueError as e:
-        raise SamplingError(str(e)) from None
+    solver.check(diffusion)
     model = hw.prepare_model(model)
     log.info("%s on %s; %d rank(s); %s", solver, hw, env.world_size, cfg.checkpoint)
 

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from diffusion.errors import ConfigError
+
 
 class ScheduleSampler:
     """
@@ -65,7 +67,7 @@ class ScheduleSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; raises ValueError when it belongs to a differently sized sampler."""
         if state.get("num_timesteps") != self.num_timesteps:
-            raise ValueError(
+            raise ConfigError(
                 f"sampler state is for num_timesteps={state.get('num_timesteps')!r}, "
                 f"this sampler has num_timesteps={self.num_timesteps}"
             )
@@ -95,7 +97,7 @@ class LossSecondMomentSampler(ScheduleSampler):
         super().__init__(num_timesteps)
         self.history_per_term = _positive_int("history_per_term", history_per_term)
         if not 0.0 <= uniform_prob <= 1.0:
-            raise ValueError(f"uniform_prob must be in [0, 1], got {uniform_prob!r}")
+            raise ConfigError(f"uniform_prob must be in [0, 1], got {uniform_prob!r}")
         self.uniform_prob = float(uniform_prob)
         self._loss_history = np.zeros((self.num_timesteps, self.history_per_term), dtype=np.float64)
         self._loss_counts = np.zeros(self.num_timesteps, dtype=np.int64)
@@ -150,7 +152,7 @@ class LossSecondMomentSampler(ScheduleSampler):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if state.get("history_per_term") != self.history_per_term:
-            raise ValueError(
+            raise ConfigError(
                 f"sampler state is for history_per_term={state.get('history_per_term')!r}, "
                 f"this sampler has history_per_term={self.history_per_term}"
             )
@@ -181,5 +183,5 @@ def _gather_from_ranks(t: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
 
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     return int(value)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from diffusion.errors import ConfigError
+
 # The reference normalises with 32 groups everywhere; the released checkpoints depend on it.
 NORM_GROUPS = 32
 
@@ -292,13 +294,13 @@ def _heads_for(channels: int, num_heads: int, num_head_channels: int) -> int:
     """Number of heads of an attention block over `channels`, with the reference's precedence."""
     if num_head_channels != -1:
         if num_head_channels < 1 or channels % num_head_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"num_head_channels={num_head_channels} must be -1 or a positive divisor of the "
                 f"{channels} channels of an attention block"
             )
         return channels // num_head_channels
     if num_heads < 1 or channels % num_heads:
-        raise ValueError(
+        raise ConfigError(
             f"num_heads={num_heads} (or num_heads_upsample) must be a positive divisor of the "
             f"{channels} channels of an attention block"
         )
@@ -308,27 +310,27 @@ def _heads_for(channels: int, num_heads: int, num_head_channels: int) -> int:
 def _channel_mult_for(image_size: int, channel_mult: Sequence[float] | None) -> tuple[float, ...]:
     if channel_mult is None:
         if image_size not in DEFAULT_CHANNEL_MULT:
-            raise ValueError(
+            raise ConfigError(
                 f"channel_mult has no default for image_size={image_size}; give it explicitly "
                 f"(defaults exist for {sorted(DEFAULT_CHANNEL_MULT)})"
             )
         return DEFAULT_CHANNEL_MULT[image_size]
     if isinstance(channel_mult, str) or len(channel_mult) == 0 or any(m <= 0 for m in channel_mult):
-        raise ValueError(f"channel_mult must be a non-empty list of positive numbers, got {channel_mult!r}")
+        raise ConfigError(f"channel_mult must be a non-empty list of positive numbers, got {channel_mult!r}")
     return tuple(channel_mult)
 
 
 def _attention_rates(image_size: int, resolutions: Sequence[int], num_levels: int) -> frozenset[int]:
     """Convert attention resolutions in pixels to the downsample rates the block layout is keyed by."""
     if isinstance(resolutions, str):
-        raise ValueError(
+        raise ConfigError(
             f"attention_resolutions must be a list of pixel sizes like [32, 16, 8], got {resolutions!r}"
         )
     reachable = {image_size // 2**level: 2**level for level in range(num_levels)}
     rates = set()
     for res in resolutions:
         if res not in reachable:
-            raise ValueError(
+            raise ConfigError(
                 f"attention_resolutions contains {res}, which this network never reaches; "
                 f"its resolutions are {sorted(reachable, reverse=True)}"
             )
@@ -506,21 +508,21 @@ def _check_arguments(
     dropout: float,
 ) -> None:
     if in_channels < 1:
-        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
     if num_res_blocks < 1:
-        raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
+        raise ConfigError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
     levels = len(channel_mult)
     if image_size < 1 or image_size % 2 ** (levels - 1):
-        raise ValueError(
+        raise ConfigError(
             f"image_size={image_size} must be divisible by 2**{levels - 1}, "
             f"the downsampling of {levels} channel_mult levels"
         )
     for mult in channel_mult:
         width = int(mult * num_channels)
         if width < NORM_GROUPS or width % NORM_GROUPS:
-            raise ValueError(
+            raise ConfigError(
                 f"num_channels * channel_mult = {num_channels} * {mult} = {width} channels, which the "
                 f"{NORM_GROUPS} normalisation groups do not divide; use multiples of {NORM_GROUPS}"
             )
@@ -528,8 +530,8 @@ def _check_arguments(
 
 def _check_labels(class_cond: bool, num_classes: int, label_dropout: float) -> None:
     if class_cond and num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1 when class_cond=True, got {num_classes}")
+        raise ConfigError(f"num_classes must be >= 1 when class_cond=True, got {num_classes}")
     if not 0.0 <= label_dropout < 1.0:
-        raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+        raise ConfigError(f"label_dropout must be in [0, 1), got {label_dropout}")
     if label_dropout > 0 and not class_cond:
-        raise ValueError("label_dropout > 0 needs class_cond=True: there are no labels to drop")
+        raise ConfigError("label_dropout > 0 needs class_cond=True: there are no labels to drop")

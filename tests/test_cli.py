@@ -3,12 +3,87 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from diffusion.loggers import _wandb_records
 
-from conftest import TINY, load_ckpt, run_script
+from conftest import ROOT, TINY, load_ckpt, run_script
+
+
+def image_folder(root, classes=("cat", "dog"), per_class=4, size=12):
+    """A small ImageNet-layout folder: one sub-folder per class of random RGB PNGs."""
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size, size + 2, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name}_{i}.png")
+    return root
+
+
+def test_the_headline_command_trains_on_an_image_folder(tmp_path):
+    """`python train.py model=... data.dir=... optim.lr=...` as the README's first command, on a small model and
+    folder; the class sub-folders are the labels without a flag."""
+    folder = image_folder(tmp_path / "images")
+    run_script(
+        "train.py", "model=unet_digits", f"data.dir={folder}", "optim.lr=1e-4",
+        # A CPU-sized run: one step of a batch of 4, no W&B, no workers.
+        "max_steps=1", "data.batch_size=4", "data.num_workers=0", "hardware=cpu", "logger=none",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    state = load_ckpt(tmp_path / "run/checkpoints/latest.pt")
+    assert state["step"] == 1 and state["class_names"] == ["cat", "dog"]
+    assert state["optimizer"]["param_groups"][0]["lr"] == 1e-4
+    assert "in_channels: 3" in state["model_config"] and "num_classes: 2" in state["model_config"]
+
+
+def test_train_py_alone_names_data_dir_and_the_digits_recipe(tmp_path):
+    proc = run_script("train.py", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stdout.splitlines() if "ERROR" in line]
+    assert len(lines) == 1 and "data.dir" in lines[0] and "experiment=digits" in lines[0]
+    assert "Traceback" not in proc.stdout
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+    """A ValueError raised by code (here a network's forward) is not a user error: it is not cut to one line."""
+    (tmp_path / "buggy.py").write_text(
+        "from diffusion.unet import UNetModel\n\n\n"
+        "class BuggyUNet(UNetModel):\n"
+        "    def forward(self, x, t, y=None):\n"
+        "        raise ValueError('an internal bug in forward')\n"
+    )
+    proc = run_script(
+        "train.py", *TINY, "max_steps=1", "model._target_=buggy.BuggyUNet", f"hydra.run.dir={tmp_path / 'run'}",
+        check=False, env={"PYTHONPATH": f"{tmp_path}:{ROOT}"},
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stdout and "an internal bug in forward" in proc.stdout
+    assert "buggy.py" in proc.stdout  # the frame that raised it is shown
+
+
+def test_compose_and_instantiate_from_python_after_import_diffusion(tmp_path):
+    """What a notebook does: no registration calls by hand (a fresh interpreter, not this test session)."""
+    code = (
+        "import diffusion, torch\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from hydra.utils import instantiate\n"
+        "with initialize_config_dir(str(diffusion.CONF_DIR), version_base='1.3'):\n"
+        "    cfg = compose('train', overrides=['model=unet_64'])\n"
+        "with torch.device('meta'):\n"
+        "    model = instantiate(cfg.model)\n"
+        "print(type(model).__name__, sum(p.numel() for p in model.parameters()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    layouts = json.loads((ROOT / "tests/fixtures/reference/released_layouts.json").read_text())
+    assert out.stdout.split() == ["UNetModel", str(layouts["64x64_diffusion"]["num_parameters"])]
 
 
 def test_one_training_step_through_train_py(tmp_path):
@@ -21,9 +96,14 @@ def test_one_training_step_through_train_py(tmp_path):
 
 def test_help_and_cfg_job():
     out = run_script("train.py", "--help").stdout
-    for group in ("model:", "diffusion:", "data:", "optim:", "sampler:", "hardware:", "logger:", "solver:"):
-        assert group in out
-    assert "unet_256_uncond" in out and "dpm_solver" in out
+    groups = out.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    listed = dict(line.split(": ", 1) for line in groups.splitlines() if ": " in line)
+    assert set(listed) == {
+        "model", "diffusion", "data", "optim", "sampler", "hardware", "logger", "solver", "task", "experiment",
+    }  # fmt: skip
+    assert "unet_256_uncond" in listed["model"] and "dpm_solver" in listed["solver"]
+    # Only options a user can pick: the schemas the options extend are not listed anywhere.
+    assert "schema" not in groups and "base_" not in groups
     cfg = run_script("train.py", "--cfg", "job", "model=unet_128", "optim.lr=3e-4").stdout
     assert "num_channels: 256" in cfg and "lr: 0.0003" in cfg
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError
+
+from diffusion.config import component_schemas
 
 from conftest import CONF, ROOT, compose_cfg
 
-GROUPS = ["model", "diffusion", "data", "optim", "sampler", "hardware", "logger", "solver"]
+GROUPS = ["model", "diffusion", "data", "optim", "sampler", "hardware", "logger", "solver", "task"]
 RELEASED = {
     "unet_64": "64x64_diffusion",
     "unet_128": "128x128_diffusion",
@@ -30,6 +35,46 @@ def options(group: str) -> list[str]:
 def test_every_group_has_options():
     for group in GROUPS:
         assert options(group), f"conf/{group} is empty"
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_an_option_holds_only_what_differs_from_what_it_extends(group):
+    """Each default is written once: in the constructor (the schema is made from it) or in one option. An
+    option that repeats a value of its schema, or of the option it extends, would be a second copy."""
+    schemas = component_schemas()
+    for name in options(group):
+        raw = OmegaConf.load(CONF / group / f"{name}.yaml")
+        parent = raw.defaults[0]
+        if parent.startswith("/schema_"):  # extends its component's schema
+            inherited = OmegaConf.structured(schemas[parent[1:].split("@")[0]])
+        else:  # extends another option of the group, e.g. unet_512 extends unet_256
+            assert parent in options(group), (
+                f"{group}/{name} extends neither a schema nor an option: {parent}"
+            )
+            inherited = compose_cfg([f"{group}={parent}"])[group]
+        inherited = OmegaConf.to_container(inherited, resolve=False)
+        for key in set(raw) - {"defaults"}:
+            ours = OmegaConf.to_container(raw)[key]
+            assert key in inherited, f"{group}/{name}.yaml sets {key}, which its schema does not have"
+            theirs = inherited[key]
+            assert ours != theirs, f"{group}/{name}.yaml repeats {key}={ours!r} from {parent}"
+
+
+def test_schemas_take_their_defaults_from_the_constructors():
+    from diffusion.solvers import DDIM
+    from diffusion.unet import UNetModel
+
+    unet = OmegaConf.structured(component_schemas()["schema_unet"])
+    assert unet._target_ == "diffusion.unet.UNetModel" and OmegaConf.is_missing(unet, "image_size")
+    signature = inspect.signature(UNetModel).parameters
+    assert unet.num_channels == signature["num_channels"].default
+    assert unet.attention_resolutions == list(signature["attention_resolutions"].default)
+    assert (
+        OmegaConf.structured(component_schemas()["schema_ddim"]).steps
+        == inspect.signature(DDIM).parameters["steps"].default
+    )
+    hardware = component_schemas()["schema_hardware"]
+    assert "local_rank" not in {f.name for f in dataclasses.fields(hardware)}  # run-time values stay out
 
 
 @pytest.mark.parametrize("name", options("model"))

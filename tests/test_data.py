@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 
 from diffusion import data
 from diffusion.data import CIFAR10, Digits, ImageFolder, InfiniteLoader
+from diffusion.errors import UserError
 
 
 def _picture(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -152,10 +153,28 @@ def test_image_folder_labels_from_sub_directories(tmp_path):
     assert [int(ds[i][1]) for i in range(len(ds))] == ds.labels
 
 
+def test_labels_auto_follow_the_folder_layout(tmp_path):
+    # ImageNet's layout: class folders whose files also carry the class as a prefix; the folder wins.
+    for name, seed in [("n02", 1), ("n01", 2), ("n01", 3)]:
+        _save(tmp_path / "net" / name / f"{name}_{seed}.png", Image.fromarray(_picture(20, 20, seed)))
+    imagenet = ImageFolder(str(tmp_path / "net"), image_size=8)
+    assert imagenet.label_mode == "subdir" and imagenet.class_names == ["n01", "n02"]
+    # guided-diffusion's layout: one folder, the class before the first underscore.
+    for name, seed in [("cat", 1), ("dog", 2)]:
+        _save(tmp_path / "flat" / f"{name}_{seed}.png", Image.fromarray(_picture(20, 20, seed)))
+    flat = ImageFolder(str(tmp_path / "flat"), image_size=8)
+    assert flat.label_mode == "filename" and flat.class_names == ["cat", "dog"]
+    # Neither (a loose file beside a folder, a name without a prefix): unlabeled.
+    _save(tmp_path / "flat" / "sub" / "x.png", Image.fromarray(_picture(20, 20, 5)))
+    _save(tmp_path / "flat" / "nounderscore.png", Image.fromarray(_picture(20, 20, 6)))
+    plain = ImageFolder(str(tmp_path / "flat"), image_size=8)
+    assert plain.label_mode == "none" and plain.num_classes == 0 and len(plain) == 4
+
+
 def test_labels_that_cannot_be_read_are_an_error(tmp_path):
     _save(tmp_path / "nounderscore.png", Image.fromarray(_picture(20, 20)))
     with pytest.raises(ValueError, match="nounderscore.png.*labels='subdir' or 'none'"):
-        ImageFolder(str(tmp_path), image_size=8)
+        ImageFolder(str(tmp_path), image_size=8, labels="filename")
     with pytest.raises(ValueError, match="sub-directory"):
         ImageFolder(str(tmp_path), image_size=8, labels="subdir")
     assert len(ImageFolder(str(tmp_path), image_size=8, labels="none")) == 1
@@ -307,7 +326,11 @@ def test_scan_is_cached_and_reused(mixed_folder, tmp_path, monkeypatch):
     ds = ImageFolder(str(mixed_folder), image_size=8, cache_dir=str(cache_dir))
     (cache_file,) = cache_dir.iterdir()
     cached = json.loads(cache_file.read_text())
-    assert cached["dir"] == str(mixed_folder) and cached["labels"] == "filename"
+    assert (
+        cached["dir"] == str(mixed_folder)
+        and cached["labels"] == "auto"
+        and cached["label_mode"] == "filename"
+    )
     assert [os.path.join(cached["dir"], f[0]) for f in cached["files"]] == ds.files
     assert [f[1] for f in cached["files"]] == ["cat", "cat", "dog", "dog", "bird", "bird", "bird"]
 
@@ -330,10 +353,12 @@ def test_scan_is_cached_and_reused(mixed_folder, tmp_path, monkeypatch):
 # CIFAR-10
 
 
-def _write_cifar(folder, images_per_batch: int = 4, bytes_keys: bool = True) -> dict:
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _write_cifar(folder, images_per_batch: int = 4) -> dict:
     """Write the python-batch layout: data_batch_1..5 and test_batch (uint8 [N x 3072], labels) and
-    batches.meta. Keys are bytes like the original Python 2 pickles, or str."""
-    key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
+    batches.meta, pickled with str keys as the original files read in Python 3 (encoding latin1)."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
     written = {}
@@ -341,20 +366,27 @@ def _write_cifar(folder, images_per_batch: int = 4, bytes_keys: bool = True) -> 
         pixels = rng.integers(0, 256, (images_per_batch, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, images_per_batch).tolist()
         with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump({key("data"): pixels, key("labels"): labels}, f)
+            pickle.dump({"data": pixels, "labels": labels}, f)
         written[name] = (pixels, labels)
-    names = [n.encode() for n in data.CIFAR10_CLASSES]
     with open(os.path.join(folder, "batches.meta"), "wb") as f:
-        pickle.dump({key("label_names"): names}, f)
+        pickle.dump({"label_names": CIFAR10_CLASSES}, f)
     return written
 
 
-def test_cifar10_reads_local_batches_exactly(tmp_path):
+@pytest.fixture
+def unchecked_cifar(monkeypatch):
+    """torchvision checks the real files' MD5 sums; these test batches have their own bytes."""
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+
+
+def test_cifar10_reads_local_batches_exactly(tmp_path, unchecked_cifar):
     written = _write_cifar(tmp_path / "cifar-10-batches-py")
     train = CIFAR10(str(tmp_path), random_flip=False)
     test = CIFAR10(str(tmp_path), train=False, random_flip=False)
     assert len(train) == 20 and len(test) == 4
-    assert train.class_names == data.CIFAR10_CLASSES and train.num_classes == 10
+    assert train.class_names == CIFAR10_CLASSES and train.num_classes == 10
     pixels, labels = written["data_batch_2"]
     x, y = train[5]  # second image of the second batch
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
@@ -363,22 +395,28 @@ def test_cifar10_reads_local_batches_exactly(tmp_path):
     assert int(test[3][1]) == written["test_batch"][1][3]
 
 
-def test_cifar10_resize_grayscale_flip_and_str_keys(tmp_path):
-    written = _write_cifar(tmp_path, bytes_keys=False)  # root may be the batches folder itself
-    ds = CIFAR10(str(tmp_path), image_size=16, channels=1, random_flip=True)
+def test_cifar10_resize_grayscale_and_flip(tmp_path, unchecked_cifar):
+    written = _write_cifar(tmp_path / "cifar-10-batches-py")
+    root = tmp_path / "cifar-10-batches-py"  # root may be the batches folder itself
+    ds = CIFAR10(str(root), image_size=16, channels=1, random_flip=True)
     x, _ = ds.load(0, np.random.default_rng(0))
     assert x.shape == (1, 16, 16) and -1 <= float(x.min()) and float(x.max()) <= 1
     rgb = written["data_batch_1"][0][0].reshape(3, 32, 32).astype(np.float64)
     luma = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
-    native = CIFAR10(str(tmp_path), channels=1, random_flip=False)[0][0]
+    native = CIFAR10(str(root), channels=1, random_flip=False)[0][0]
     np.testing.assert_allclose(native[0].numpy(), luma / 127.5 - 1, atol=1e-5)
     assert abs(float(x.mean()) - float(native.mean())) < 2e-3  # shrinking keeps the mean brightness
     flips = {torch.equal(ds.load(0, np.random.default_rng(s))[0], x) for s in range(16)}
     assert flips == {True, False}
 
 
-def test_cifar10_absent_says_where_to_put_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/cifar-10-batches-py.*data_batch_1"):
+def test_cifar10_absent_or_corrupt_says_where_to_put_it(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=f"not found or corrupted .*{tmp_path}/cifar-10-batches-py.*data_batch_1"
+    ):
+        CIFAR10(str(tmp_path))
+    _write_cifar(tmp_path / "cifar-10-batches-py")  # files whose checksums are not CIFAR-10's
+    with pytest.raises(UserError, match="not found or corrupted"):
         CIFAR10(str(tmp_path))
 
 

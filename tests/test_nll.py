@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from diffusion.data import Digits
+from diffusion.errors import UserError
 from diffusion.nll import batch_generator, evaluate
-from diffusion.sampling import SamplingError, load_model
+from diffusion.sampling import load_model
 from diffusion.training import train
 
 from conftest import PYTHON, ROOT, compose_cfg, tiny_cfg
@@ -82,7 +83,7 @@ def test_seed_changes_the_noise_and_nothing_else(checkpoint, tmp_path):
     ],
 )
 def test_bad_requests(checkpoint, tmp_path, overrides, message):
-    with pytest.raises(SamplingError, match=message):
+    with pytest.raises(UserError, match=message):
         evaluate(nll_cfg(f"checkpoint={checkpoint}", *overrides), tmp_path)
     assert not (tmp_path / "nll.npz").exists()
 

@@ -17,14 +17,9 @@ from conftest import CONF, PYTHON, ROOT, TINY, assert_state_equal, load_ckpt, ru
 
 
 def cpu_node(tasks: int = 1) -> list[str]:
-    """Launcher overrides for this cluster, one CPU node: no GPUs to request, 2 cores for two one-task jobs
-    or one job of two tasks (ranks)."""
-    return [
-        "hydra.launcher.gpus_per_node=0",
-        f"hydra.launcher.tasks_per_node={tasks}",
-        "hydra.launcher.cpus_per_task=1",
-        "hydra.launcher.mem_gb=2",
-    ]
+    """Launcher overrides for this cluster, one 2-core CPU node: no GPUs is the one override a one-task job
+    needs (one task, the partition's default CPUs and memory); a job of two tasks (ranks) says so."""
+    return ["hydra.launcher.gpus_per_node=0", *([f"hydra.launcher.tasks_per_node={tasks}"] if tasks > 1 else [])]
 
 
 LRS = {0: 1e-4, 1: 3e-4}
@@ -289,6 +284,17 @@ def test_launcher_config_runs_one_task_per_gpu(launcher, plugin_class):
     assert cfg._target_ == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{plugin_class}"
     assert (cfg.gpus_per_node, cfg.tasks_per_node) == (4, 4)
     assert cfg.submitit_folder == "/sweeps/a/.submitit/%j"
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "local"])
+def test_no_gpus_is_one_override(launcher):
+    """A CPU-only partition: one task, and SLURM's own defaults for CPUs and memory (nothing requested)."""
+    cfg = launcher_cfg(f"hydra/launcher={launcher}", "hydra.launcher.gpus_per_node=0", "hydra.sweep.dir=/s")
+    assert (cfg.gpus_per_node, cfg.tasks_per_node) == (0, 1)
+    if launcher == "slurm":
+        assert cfg.cpus_per_task is None and cfg.mem_gb is None
+        gpu = launcher_cfg("hydra/launcher=slurm", "hydra.launcher.gpus_per_node=8", "hydra.sweep.dir=/s")
+        assert (gpu.tasks_per_node, gpu.cpus_per_task, gpu.mem_gb) == (8, 8, 64)
 
 
 def test_slurm_launcher_config_requeues_with_a_warning_signal():
