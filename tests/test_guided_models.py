@@ -2,42 +2,20 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_unet import FIXTURES, TOL, randomise, rel_err
+from test_unet import TINY as UNET_TINY
 
 from diffusion.guidance import classifier_cond_fn
 from diffusion.unet import AttentionPool2d, EncoderUNetModel, SuperResModel, UNetModel
 
-FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 LAYOUTS = json.loads((FIXTURES / "released_layouts_guidance.json").read_text())
-TOL = 1e-5
 
-# A classifier small enough for fast CPU tests: two levels, attention at 8 px, the attention pool.
-TINY = dict(
-    image_size=16,
-    num_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(8,),
-    num_head_channels=16,
-    num_classes=5,
-)
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).norm() / ref.norm()).item()
-
-
-def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Overwrite every parameter, so that zero-initialised layers cannot hide a path through the network."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
+# The UNet tests' tiny network as a classifier: two levels, attention at 8 px, the attention pool.
+TINY = dict(UNET_TINY, num_head_channels=16, num_classes=5)
 
 
 def _pixels(image_size: int, rates) -> list[int]:
@@ -45,9 +23,9 @@ def _pixels(image_size: int, rates) -> list[int]:
     return [image_size // rate for rate in rates]
 
 
-def classifier_from_reference(c: dict, **extra) -> EncoderUNetModel:
-    """Translate the reference's EncoderUNetModel arguments (model_channels, out_channels, rates) to ours."""
-    return EncoderUNetModel(
+def trunk_from_reference(c: dict) -> dict:
+    """Our names for the arguments the reference's EncoderUNetModel and SuperResModel share."""
+    return dict(
         image_size=c["image_size"],
         in_channels=c["in_channels"],
         num_channels=c["model_channels"],
@@ -60,28 +38,19 @@ def classifier_from_reference(c: dict, **extra) -> EncoderUNetModel:
         resblock_updown=c["resblock_updown"],
         use_new_attention_order=c.get("use_new_attention_order", False),
         dropout=c.get("dropout", 0.0),
-        num_classes=c["out_channels"],
-        pool=c["pool"],
-        **extra,
     )
+
+
+def classifier_from_reference(c: dict, **extra) -> EncoderUNetModel:
+    """Translate the reference's EncoderUNetModel arguments (model_channels, out_channels, rates) to ours."""
+    return EncoderUNetModel(**trunk_from_reference(c), num_classes=c["out_channels"], pool=c["pool"], **extra)
 
 
 def superres_from_reference(c: dict, small_size: int | None = None, **extra) -> SuperResModel:
     """Translate the reference's SuperResModel arguments to ours (image_size is the large size)."""
     return SuperResModel(
-        image_size=c["image_size"],
-        in_channels=c["in_channels"],
-        num_channels=c["model_channels"],
-        num_res_blocks=c["num_res_blocks"],
-        channel_mult=c["channel_mult"],
-        attention_resolutions=_pixels(c["image_size"], c["attention_resolutions"]),
-        num_heads=c.get("num_heads", 1),
-        num_head_channels=c.get("num_head_channels", -1),
+        **trunk_from_reference(c),
         num_heads_upsample=c.get("num_heads_upsample", -1),
-        use_scale_shift_norm=c["use_scale_shift_norm"],
-        resblock_updown=c["resblock_updown"],
-        use_new_attention_order=c.get("use_new_attention_order", False),
-        dropout=c["dropout"],
         learn_sigma=c["out_channels"] == 2 * c["in_channels"],
         class_cond=c["num_classes"] is not None,
         num_classes=c["num_classes"] or 1000,
