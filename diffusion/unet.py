@@ -1,4 +1,6 @@
-"""The ADM UNet ("Diffusion Models Beat GANs"), state-dict compatible with openai/guided-diffusion.
+"""The ADM networks ("Diffusion Models Beat GANs"), state-dict compatible with openai/guided-diffusion: the UNet,
+its super-resolution variant (SuperResModel) and the noisy-image classifier (EncoderUNetModel) built on the
+UNet's down path.
 
 Parameter names and shapes equal the reference exactly, so the released checkpoints load with
 ``load_state_dict(sd, strict=True)``. The constructor takes the reference's command-line flags
