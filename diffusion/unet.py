@@ -1,4 +1,6 @@
-"""The ADM UNet ("Diffusion Models Beat GANs"), state-dict compatible with openai/guided-diffusion.
+"""The ADM networks ("Diffusion Models Beat GANs"), state-dict compatible with openai/guided-diffusion: the UNet,
+its super-resolution variant (SuperResModel) and the noisy-image classifier (EncoderUNetModel) built on the
+UNet's down path.
 
 Parameter names and shapes equal the reference exactly, so the released checkpoints load with
 ``load_state_dict(sd, strict=True)``. The constructor takes the reference's command-line flags
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -338,6 +341,103 @@ def _attention_rates(image_size: int, resolutions: Sequence[int], num_levels: in
     return frozenset(rates)
 
 
+def _batch_timesteps(t: torch.Tensor, n: int) -> torch.Tensor:
+    if t.dim() == 0:
+        return t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"t must have shape [{n}] (one timestep per image), got {list(t.shape)}")
+    return t
+
+
+def _time_embed(num_channels: int) -> nn.Sequential:
+    """The MLP that lifts the sinusoidal embedding to the 4 * num_channels blocks read (keys time_embed.{0,2})."""
+    emb_dim = 4 * num_channels
+    return nn.Sequential(nn.Linear(num_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+
+@dataclass(frozen=True)
+class _BlockMaker:
+    """The settings one network's residual and attention blocks share, and the two block constructors."""
+
+    emb_dim: int
+    dropout: float
+    use_scale_shift_norm: bool
+    num_heads: int
+    num_head_channels: int
+    use_new_attention_order: bool
+    use_checkpoint: bool
+    use_sdpa: bool
+
+    def res_block(self, ch: int, out_ch: int, resample: Callable | None = None) -> ResBlock:
+        return ResBlock(
+            ch, self.emb_dim, out_ch, self.dropout, self.use_scale_shift_norm, resample, self.use_checkpoint
+        )
+
+    def attention(self, ch: int, heads: int | None = None) -> AttentionBlock:
+        return AttentionBlock(
+            ch,
+            self.num_heads if heads is None else heads,
+            self.num_head_channels,
+            self.use_new_attention_order,
+            self.use_checkpoint,
+            self.use_sdpa,
+        )
+
+
+def _trunk_layout(
+    image_size: int,
+    in_channels: int,
+    num_channels: int,
+    num_res_blocks: int,
+    channel_mult: Sequence[float] | None,
+    attention_resolutions: Sequence[int],
+    dropout: float,
+) -> tuple[list[int], frozenset[int]]:
+    """Check the arguments the down path shares; return its channels per level and its attention rates."""
+    channel_mult = _channel_mult_for(image_size, channel_mult)
+    _check_arguments(image_size, in_channels, num_channels, num_res_blocks, channel_mult, dropout)
+    attention_rates = _attention_rates(image_size, attention_resolutions, len(channel_mult))
+    return [int(m * num_channels) for m in channel_mult], attention_rates
+
+
+def _encoder(
+    blocks: _BlockMaker,
+    conv_in_channels: int,
+    widths: Sequence[int],
+    num_res_blocks: int,
+    attention_rates: frozenset[int],
+    resblock_updown: bool,
+) -> tuple[nn.ModuleList, TimestepEmbedSequential, list[int]]:
+    """
+    The down path and middle block that the UNet and the classifier share, with the reference's layout.
+
+    :param conv_in_channels: channels the first convolution reads.
+    :param widths: channels per resolution level (num_channels * channel_mult).
+    :param attention_rates: the downsample rates (1, 2, 4...) whose levels get attention blocks.
+    :return: (input_blocks, middle_block, out_widths): out_widths[i] is the channel count input_blocks[i]
+        outputs (the decoder's skip widths); the middle block keeps out_widths[-1].
+    """
+    ch = widths[0]
+    input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(conv_in_channels, ch, 3, padding=1))])
+    out_widths = [ch]
+    for level, width in enumerate(widths):
+        for _ in range(num_res_blocks):
+            layers: list[nn.Module] = [blocks.res_block(ch, width)]
+            ch = width
+            if 2**level in attention_rates:
+                layers.append(blocks.attention(ch))
+            input_blocks.append(TimestepEmbedSequential(*layers))
+            out_widths.append(ch)
+        if level != len(widths) - 1:
+            down = blocks.res_block(ch, ch, _downsample) if resblock_updown else Downsample(ch)
+            input_blocks.append(TimestepEmbedSequential(down))
+            out_widths.append(ch)
+    middle_block = TimestepEmbedSequential(
+        blocks.res_block(ch, ch), blocks.attention(ch), blocks.res_block(ch, ch)
+    )
+    return input_blocks, middle_block, out_widths
+
+
 class UNetModel(nn.Module):
     """
     The ADM UNet with timestep (and optional class) conditioning.
@@ -365,6 +465,9 @@ class UNetModel(nn.Module):
     :param use_sdpa: attention through F.scaled_dot_product_attention; False runs the plain formula.
     """
 
+    # Images of in_channels the first convolution reads: SuperResModel adds the upsampled low-resolution one.
+    _input_images = 1
+
     def __init__(
         self,
         image_size: int,
@@ -389,9 +492,15 @@ class UNetModel(nn.Module):
         use_sdpa: bool = True,
     ):
         super().__init__()
-        channel_mult = _channel_mult_for(image_size, channel_mult)
-        _check_arguments(image_size, in_channels, num_channels, num_res_blocks, channel_mult, dropout)
-        attention_rates = _attention_rates(image_size, attention_resolutions, len(channel_mult))
+        widths, attention_rates = _trunk_layout(
+            image_size,
+            in_channels,
+            num_channels,
+            num_res_blocks,
+            channel_mult,
+            attention_resolutions,
+            dropout,
+        )
         _check_labels(class_cond, num_classes, label_dropout)
 
         self.image_size = image_size
@@ -402,52 +511,35 @@ class UNetModel(nn.Module):
         self.label_dropout = label_dropout
         self.null_class = num_classes if class_cond and label_dropout > 0 else None
 
-        emb_dim = 4 * num_channels
-        self.time_embed = nn.Sequential(
-            nn.Linear(num_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        self.time_embed = _time_embed(num_channels)
         if class_cond:
-            self.label_emb = nn.Embedding(num_classes + (self.null_class is not None), emb_dim)
+            self.label_emb = nn.Embedding(num_classes + (self.null_class is not None), 4 * num_channels)
 
-        def res_block(ch: int, out_ch: int, resample=None) -> ResBlock:
-            return ResBlock(ch, emb_dim, out_ch, dropout, use_scale_shift_norm, resample, use_checkpoint)
-
-        def attention(ch: int, heads: int) -> AttentionBlock:
-            return AttentionBlock(
-                ch, heads, num_head_channels, use_new_attention_order, use_checkpoint, use_sdpa
-            )
-
-        widths = [int(m * num_channels) for m in channel_mult]
-        ch = widths[0]
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
-        skip_widths = [ch]
-        for level, width in enumerate(widths):
-            for _ in range(num_res_blocks):
-                layers: list[nn.Module] = [res_block(ch, width)]
-                ch = width
-                if 2**level in attention_rates:
-                    layers.append(attention(ch, num_heads))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_widths.append(ch)
-            if level != len(widths) - 1:
-                down = res_block(ch, ch, _downsample) if resblock_updown else Downsample(ch)
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                skip_widths.append(ch)
-
-        self.middle_block = TimestepEmbedSequential(
-            res_block(ch, ch), attention(ch, num_heads), res_block(ch, ch)
+        blocks = _BlockMaker(
+            4 * num_channels,
+            dropout,
+            use_scale_shift_norm,
+            num_heads,
+            num_head_channels,
+            use_new_attention_order,
+            use_checkpoint,
+            use_sdpa,
         )
+        self.input_blocks, self.middle_block, skip_widths = _encoder(
+            blocks, in_channels * self._input_images, widths, num_res_blocks, attention_rates, resblock_updown
+        )
+        ch = skip_widths[-1]
 
         heads_up = num_heads if num_heads_upsample == -1 else num_heads_upsample
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(len(widths))):
             for i in range(num_res_blocks + 1):
-                layers = [res_block(ch + skip_widths.pop(), widths[level])]
+                layers = [blocks.res_block(ch + skip_widths.pop(), widths[level])]
                 ch = widths[level]
                 if 2**level in attention_rates:
-                    layers.append(attention(ch, heads_up))
+                    layers.append(blocks.attention(ch, heads_up))
                 if level and i == num_res_blocks:
-                    layers.append(res_block(ch, ch, _upsample) if resblock_updown else Upsample(ch))
+                    layers.append(blocks.res_block(ch, ch, _upsample) if resblock_updown else Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
@@ -461,7 +553,7 @@ class UNetModel(nn.Module):
         :param y: an [N] long Tensor of labels for a class-conditional model (may hold null_class), else None.
         :return: an [N x out_channels x H x W] Tensor.
         """
-        emb = self.time_embed(timestep_embedding(self._batch_timesteps(t, x.shape[0]), self.num_channels))
+        emb = self.time_embed(timestep_embedding(_batch_timesteps(t, x.shape[0]), self.num_channels))
         if self.num_classes is not None:
             emb = emb + self.label_emb(self._labels(y, x.shape[0]))
         elif y is not None:
@@ -477,14 +569,6 @@ class UNetModel(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h)
 
-    @staticmethod
-    def _batch_timesteps(t: torch.Tensor, n: int) -> torch.Tensor:
-        if t.dim() == 0:
-            return t.expand(n)
-        if t.shape != (n,):
-            raise ValueError(f"t must have shape [{n}] (one timestep per image), got {list(t.shape)}")
-        return t
-
     def _labels(self, y: torch.Tensor | None, n: int) -> torch.Tensor:
         if y is None:
             raise ValueError(
@@ -497,6 +581,234 @@ class UNetModel(nn.Module):
             drop = torch.rand(n, device=y.device) < self.label_dropout
             y = torch.where(drop, torch.full_like(y, self.null_class), y)
         return y
+
+
+class SuperResModel(UNetModel):
+    """
+    The ADM super-resolution UNet: a UNetModel that also sees a low-resolution image.
+
+    ``low_res`` is upsampled bilinearly to the noisy image's size and concatenated after it on the channel
+    dimension, so the first convolution reads 2 * in_channels channels; everything else is UNetModel's (its
+    ``in_channels`` and ``out_channels`` stay those of the image, as the platform reads them).
+
+    :param small_size: the low resolution this model upsamples from (the reference's ``small_size``); when
+        given, forward rejects a ``low_res`` of another size. None accepts any size.
+    Other arguments as :class:`UNetModel`; ``image_size`` is the high resolution (the reference's ``large_size``).
+    """
+
+    _input_images = 2
+
+    def __init__(self, *args, small_size: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if small_size is not None and not 1 <= small_size <= self.image_size:
+            raise ValueError(
+                f"small_size={small_size} must be between 1 and image_size={self.image_size}: "
+                "it is the resolution the model upsamples from"
+            )
+        self.small_size = small_size
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        low_res: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        :param x: an [N x in_channels x H x W] Tensor of noisy high-resolution images.
+        :param t: an [N] Tensor of timesteps.
+        :param low_res: an [N x in_channels x h x w] Tensor of the low-resolution images to upsample.
+        :param y: an [N] long Tensor of labels for a class-conditional model, else None.
+        :return: an [N x out_channels x H x W] Tensor.
+        """
+        if low_res is None:
+            raise ValueError("low_res is required: a SuperResModel upsamples a low-resolution image")
+        expected = (x.shape[0], self.in_channels)
+        if low_res.dim() != 4 or tuple(low_res.shape[:2]) != expected:
+            raise ValueError(
+                f"low_res must have shape [{expected[0]} x {expected[1]} x h x w] (one image per x), "
+                f"got {list(low_res.shape)}"
+            )
+        if self.small_size is not None and tuple(low_res.shape[2:]) != (self.small_size, self.small_size):
+            raise ValueError(
+                f"low_res is {low_res.shape[2]}x{low_res.shape[3]}; this model upsamples from "
+                f"{self.small_size}x{self.small_size} (small_size)"
+            )
+        upsampled = F.interpolate(low_res, size=x.shape[2:], mode="bilinear", align_corners=False)
+        return super().forward(torch.cat([x, upsampled.to(x.dtype)], dim=1), t, y)
+
+
+class AttentionPool2d(nn.Module):
+    """
+    CLIP-style attention pooling: the mean token, with learned positional embeddings, attends to every position.
+
+    Parameter names and shapes are the reference's (``positional_embedding`` [C x HW+1], ``qkv_proj`` and
+    ``c_proj`` as Conv1d weights); heads split q, k, v in the "new" order [3 x heads x d].
+
+    :param spatial_size: the side of the square feature map it pools.
+    :param channels: feature channels C.
+    :param num_heads: attention heads (C must be divisible by it).
+    :param out_channels: width of the output.
+    :param use_sdpa: use F.scaled_dot_product_attention; False runs the plain formula.
+    """
+
+    def __init__(
+        self, spatial_size: int, channels: int, num_heads: int, out_channels: int, use_sdpa: bool = True
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.use_sdpa = use_sdpa
+        self.positional_embedding = nn.Parameter(torch.randn(channels, spatial_size**2 + 1) / channels**0.5)
+        self.qkv_proj = nn.Conv1d(channels, 3 * channels, 1)
+        self.c_proj = nn.Conv1d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:param x: an [N x C x S x S] Tensor; returns [N x out_channels]."""
+        n, c = x.shape[:2]
+        tokens = x.flatten(2)  # (N, C, HW)
+        tokens = torch.cat([tokens.mean(dim=-1, keepdim=True), tokens], dim=-1)  # (N, C, 1 + HW)
+        tokens = tokens + self.positional_embedding.to(x.dtype)
+        qkv = self.qkv_proj(tokens)  # (N, 3C, T)
+        q, k, v = qkv.view(n, 3, self.num_heads, c // self.num_heads, -1).transpose(-1, -2).unbind(1)
+        # Only the mean token's output is read out, so only its query is needed: (N, heads, 1, d).
+        attend = F.scaled_dot_product_attention if self.use_sdpa else _plain_attention
+        pooled = attend(q[:, :, :1].contiguous(), k.contiguous(), v.contiguous())
+        return self.c_proj(pooled.reshape(n, c, 1))[:, :, 0]
+
+
+class EncoderUNetModel(nn.Module):
+    """
+    ADM's noisy-image classifier: the UNet's down path and middle block, then a pooling head to logits.
+
+    State-dict compatible with guided-diffusion's EncoderUNetModel, so the released classifiers load strictly.
+    It is called as ``model(x, t)`` with the timesteps of the diffusion it classifies noisy images of.
+
+    :param image_size: input height and width (the attention pool's positional embedding is sized for it).
+    :param in_channels: input image channels.
+    :param num_channels: base channel count (the reference's classifier_width / model_channels).
+    :param num_res_blocks: residual blocks per resolution (the reference's classifier_depth).
+    :param channel_mult: channel multiplier per resolution level; None takes the reference's default.
+    :param attention_resolutions: resolutions in pixels at which attention blocks are inserted.
+    :param num_heads: attention heads, used when num_head_channels is -1.
+    :param num_head_channels: fixed width per head (the reference's classifiers use 64); also sets the heads of
+        the attention pool, which takes num_heads when it is -1.
+    :param use_scale_shift_norm: FiLM-style conditioning in residual blocks.
+    :param resblock_updown: downsample with residual blocks instead of strided convolutions.
+    :param use_new_attention_order: qkv layout [3 x heads x d] in the attention blocks (the pool always uses it).
+    :param dropout: dropout rate inside residual blocks.
+    :param num_classes: number of output logits.
+    :param pool: the head: "attention" (attention pooling, the released classifiers'), "adaptive" (global
+        average pool and a 1x1 convolution), "spatial" or "spatial_v2" (an MLP on the mean of every block's
+        features).
+    :param use_checkpoint: gradient checkpointing for residual and attention blocks.
+    :param use_fp16: accepted for flag compatibility; mixed precision comes from torch.autocast.
+    :param use_sdpa: attention through F.scaled_dot_product_attention; False runs the plain formula.
+    """
+
+    POOLS = ("attention", "adaptive", "spatial", "spatial_v2")
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int = 3,
+        num_channels: int = 128,
+        num_res_blocks: int = 2,
+        channel_mult: Sequence[float] | None = None,
+        attention_resolutions: Sequence[int] = (32, 16, 8),
+        num_heads: int = 1,
+        num_head_channels: int = 64,
+        use_scale_shift_norm: bool = True,
+        resblock_updown: bool = True,
+        use_new_attention_order: bool = False,
+        dropout: float = 0.0,
+        num_classes: int = 1000,
+        pool: str = "attention",
+        use_checkpoint: bool = False,
+        use_fp16: bool = False,
+        use_sdpa: bool = True,
+    ):
+        super().__init__()
+        if pool not in self.POOLS:
+            raise ValueError(f"pool must be one of {list(self.POOLS)}, got {pool!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        widths, attention_rates = _trunk_layout(
+            image_size,
+            in_channels,
+            num_channels,
+            num_res_blocks,
+            channel_mult,
+            attention_resolutions,
+            dropout,
+        )
+
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.num_channels = num_channels
+        self.num_classes = num_classes
+        self.pool = pool
+
+        self.time_embed = _time_embed(num_channels)
+        blocks = _BlockMaker(
+            4 * num_channels,
+            dropout,
+            use_scale_shift_norm,
+            num_heads,
+            num_head_channels,
+            use_new_attention_order,
+            use_checkpoint,
+            use_sdpa,
+        )
+        self.input_blocks, self.middle_block, block_widths = _encoder(
+            blocks, in_channels, widths, num_res_blocks, attention_rates, resblock_updown
+        )
+        ch = block_widths[-1]
+        if pool == "attention":
+            final_size = image_size // 2 ** (len(widths) - 1)
+            heads = _heads_for(ch, num_heads, num_head_channels)
+            self.out = nn.Sequential(
+                _norm(ch), nn.SiLU(), AttentionPool2d(final_size, ch, heads, num_classes, use_sdpa)
+            )
+        elif pool == "adaptive":
+            self.out = nn.Sequential(
+                _norm(ch),
+                nn.SiLU(),
+                nn.AdaptiveAvgPool2d((1, 1)),
+                _zeroed(nn.Conv2d(ch, num_classes, 1)),
+                nn.Flatten(),
+            )
+        else:
+            # The spatial heads read the spatial mean of every input block's output and of the middle block's.
+            features = sum(block_widths) + ch
+            hidden = [nn.ReLU()] if pool == "spatial" else [_norm(2048), nn.SiLU()]
+            self.out = nn.Sequential(nn.Linear(features, 2048), *hidden, nn.Linear(2048, num_classes))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """
+        :param x: an [N x in_channels x image_size x image_size] Tensor of (noisy) images.
+        :param t: an [N] Tensor of timesteps (integer or float); a 0-dim Tensor is broadcast to N.
+        :return: an [N x num_classes] Tensor of logits.
+        """
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"the classifier takes [N x {expected[0]} x {expected[1]} x {expected[2]}] images "
+                f"(in_channels={expected[0]}, image_size={expected[1]}), got {list(x.shape)}; "
+                "use a classifier trained at the images' size and channels"
+            )
+        emb = self.time_embed(timestep_embedding(_batch_timesteps(t, x.shape[0]), self.num_channels))
+        spatial = self.pool != "attention" and self.pool != "adaptive"
+        means = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb)
+            if spatial:
+                means.append(h.float().mean(dim=(2, 3)))
+        h = self.middle_block(h, emb)
+        if spatial:
+            means.append(h.float().mean(dim=(2, 3)))
+            return self.out(torch.cat(means, dim=-1))
+        return self.out(h)
 
 
 def _check_arguments(
