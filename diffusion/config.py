@@ -68,16 +68,34 @@ def schema(
         (``image_size: ${model.image_size}``). Keep this for values that cannot live in the constructor.
     :param base: a dataclass whose fields come first (e.g. the data loader's settings).
     """
-    hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
     fields: list[tuple[str, Any, Any]] = [
         ("_target_", str, field(default=f"{target.__module__}.{target.__qualname__}"))
     ]
-    for name, p in inspect.signature(target).parameters.items():
-        if name in runtime or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        default = (defaults or {}).get(name, p.default)
-        fields.append((name, _config_type(hints.get(name, Any)), _field_for(default)))
+    for name, p, hint in _parameters(target):
+        if name not in runtime:
+            fields.append((name, _config_type(hint), _field_for((defaults or {}).get(name, p.default))))
     return dataclasses.make_dataclass(f"{target.__name__}Config", fields, bases=(base,) if base else ())
+
+
+def _parameters(target: Callable) -> list[tuple[str, inspect.Parameter, Any]]:
+    """(name, parameter, type hint) of every argument ``target`` accepts. A class whose ``__init__`` passes
+    ``**kwargs`` on to its base class's (a subclass that adds one argument) accepts the base's arguments too."""
+    found: dict[str, tuple[str, inspect.Parameter, Any]] = {}
+    functions = (
+        [c.__init__ for c in inspect.getmro(target) if "__init__" in vars(c)]
+        if inspect.isclass(target)
+        else [target]
+    )
+    for function in functions:
+        hints = typing.get_type_hints(function)
+        params = list(inspect.signature(function).parameters.values())[inspect.isclass(target) :]  # no self
+        for p in params:
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in found:
+                found[p.name] = (p.name, p, hints.get(p.name, Any))
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    # Arguments without a default first, in the order a reader expects: the base's, then the subclass's own.
+    return sorted(found.values(), key=lambda item: item[1].default is not inspect.Parameter.empty)
 
 
 @dataclass

@@ -601,7 +601,7 @@ class SuperResModel(UNetModel):
     def __init__(self, *args, small_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if small_size is not None and not 1 <= small_size <= self.image_size:
-            raise ValueError(
+            raise ConfigError(
                 f"small_size={small_size} must be between 1 and image_size={self.image_size}: "
                 "it is the resolution the model upsamples from"
             )
@@ -729,9 +729,9 @@ class EncoderUNetModel(nn.Module):
     ):
         super().__init__()
         if pool not in self.POOLS:
-            raise ValueError(f"pool must be one of {list(self.POOLS)}, got {pool!r}")
+            raise ConfigError(f"pool must be one of {list(self.POOLS)}, got {pool!r}")
         if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
         widths, attention_rates = _trunk_layout(
             image_size,
             in_channels,

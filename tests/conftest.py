@@ -108,3 +108,19 @@ def isolated_wandb(tmp_path, monkeypatch):
     import wandb
 
     wandb.teardown()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """Start (or find running) the local cluster; skip when it cannot start, unless CI=true demands it."""
+    required = os.environ.get("CI") == "true"
+    if os.geteuid() != 0 and not required:
+        pytest.skip("the local SLURM cluster needs root (scripts/slurm_start.sh starts munged and slurmd)")
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "slurm_start.sh")], capture_output=True, text=True, timeout=900
+    )
+    if proc.returncode != 0:
+        message = f"scripts/slurm_start.sh failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        if required:
+            pytest.fail(message)
+        pytest.skip(message)

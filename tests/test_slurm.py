@@ -19,7 +19,10 @@ from conftest import CONF, PYTHON, ROOT, TINY, assert_state_equal, load_ckpt, ru
 def cpu_node(tasks: int = 1) -> list[str]:
     """Launcher overrides for this cluster, one 2-core CPU node: no GPUs is the one override a one-task job
     needs (one task, the partition's default CPUs and memory); a job of two tasks (ranks) says so."""
-    return ["hydra.launcher.gpus_per_node=0", *([f"hydra.launcher.tasks_per_node={tasks}"] if tasks > 1 else [])]
+    return [
+        "hydra.launcher.gpus_per_node=0",
+        *([f"hydra.launcher.tasks_per_node={tasks}"] if tasks > 1 else []),
+    ]
 
 
 LRS = {0: 1e-4, 1: 3e-4}
@@ -54,22 +57,6 @@ def assert_jobs_trained(sweep_dir: Path) -> None:
         latest = load_ckpt(ckpts / "latest.pt")
         assert latest["step"] == 3
         assert latest["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr)
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster() -> None:
-    """Start (or find running) the local cluster; skip when it cannot start, unless CI=true demands it."""
-    required = os.environ.get("CI") == "true"
-    if os.geteuid() != 0 and not required:
-        pytest.skip("the local SLURM cluster needs root (scripts/slurm_start.sh starts munged and slurmd)")
-    proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "slurm_start.sh")], capture_output=True, text=True, timeout=900
-    )
-    if proc.returncode != 0:
-        message = f"scripts/slurm_start.sh failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-        if required:
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 def sacct_rows(job_id: str, *options: str) -> list[tuple[str, str]]:
