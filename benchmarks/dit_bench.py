@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -99,6 +100,7 @@ class TrainStep:
         self.x = torch.randn(batch, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE, generator=gen).to(device)
         self.y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device)
         self.device = device
+        self.split: list[tuple[float, float]] = []  # (forward + backward, optimizer) seconds of each step
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def forward_backward(self) -> None:
@@ -109,8 +111,9 @@ class TrainStep:
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.forward_backward()
-        self.optimizer.step()
+        self.split.append(
+            (timed(self.forward_backward, self.device), timed(self.optimizer.step, self.device))
+        )
 
     def flops(self) -> int:
         with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
@@ -127,6 +130,7 @@ def train_row(preset: str, batch: int, device: torch.device, seconds: float, qui
     before = matmul_rate(*mlp_shape, device, dtype)
     flops = s.flops()
     times = repeat(s.step, device, seconds)
+    split = s.split[1:]  # without the warm-up step
     ceiling = (before + matmul_rate(*mlp_shape, device, dtype)) / 2
     step_s = statistics.median(times)
     achieved = flops / step_s / 1e9
@@ -137,6 +141,8 @@ def train_row(preset: str, batch: int, device: torch.device, seconds: float, qui
         "tokens": tokens,
         "step_s": step_s,
         "images_per_s": batch / step_s,
+        "fwd_bwd_s": statistics.median(f for f, _ in split),
+        "adamw_s": statistics.median(o for _, o in split),
         "gflop_per_step": flops / 1e9,
         "gflops": achieved,
         "matmul_gflops": ceiling,
@@ -151,15 +157,18 @@ def print_table(rows: list[dict], device: torch.device, threads: int) -> None:
     where = (
         f"{device.type}, {threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     )
-    print(f"DiT train step (32x32x4 latents, fwd+bwd+AdamW) on {where}")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    print(f"DiT train step (32x32x4 latents, fwd+bwd+AdamW) on {where}; load average {load}")
     header = (
-        "model            params_M batch  step_s  img/s  GFLOP/step  GFLOP/s  matmul GFLOP/s  of_matmul   MFU"
+        "model            params_M batch  step_s (fwd+bwd,  adamw)   img/s  GFLOP/step  GFLOP/s  matmul GFLOP/s"
+        "  of_matmul   MFU"
     )
     print(header)
     for r in rows:
         mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
         print(
-            f"{r['model']:<16} {r['params_m']:8.1f} {r['batch']:5d} {r['step_s']:7.3f} {r['images_per_s']:6.2f} "
+            f"{r['model']:<16} {r['params_m']:8.1f} {r['batch']:5d} {r['step_s']:7.3f} "
+            f"({r['fwd_bwd_s']:7.3f}, {r['adamw_s']:6.3f}) {r['images_per_s']:7.2f} "
             f"{r['gflop_per_step']:11.1f} {r['gflops']:8.1f} {r['matmul_gflops']:15.1f} {r['of_matmul']:10.1%} "
             f"{mfu:>5}"
         )
