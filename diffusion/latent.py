@@ -1,0 +1,598 @@
+"""Latent space: Stable Diffusion's VAE (DiT's scaling), and a latent cache on disk that training reads back.
+
+DiT trains on ``vae.encode(x).latent_dist.sample() * 0.18215`` and decodes samples with ``vae.decode(z /
+0.18215)``. :func:`load_vae` opens the VAE with diffusers' ``AutoencoderKL`` offline (a local directory or the
+user's Hugging Face cache; nothing is downloaded). :class:`LatentVAE` encodes and decodes with that scaling.
+
+A latent cache encodes a data set once. It stores each image's posterior -- the mean and standard deviation of
+the VAE's diagonal Gaussian, unscaled -- not one sample of it: :class:`LatentDataset` draws
+``(mean + std * noise) * 0.18215`` per item with the loader's (seed, epoch, index) generator, so every epoch sees a
+fresh latent sample exactly as DiT's on-the-fly encoding does, and a resumed run sees the same ones. With
+``sample=False`` it returns the posterior mean instead (deterministic; for evaluation or inspection).
+
+Flips: a VAE is not mirror-equivariant (encoding the mirrored image is not the mirrored latent), so a cache made
+with ``flips=True`` encodes each image twice, as is and mirrored left-right, and the dataset picks one of the two
+with probability 1/2 per item; a cache made with ``flips=False`` holds unflipped latents only and cannot flip.
+Random crops cannot be cached (one crop would be frozen); DiT uses the center crop.
+
+The cache is a directory (``meta.json``, ``mean.npy``, ``std.npy``, ``labels.npy``), memory-mapped by readers,
+so several ranks share one copy. It is written aside and renamed into place, so a reader sees either no cache or a
+complete one. ``meta.json`` identifies the VAE (name and a fingerprint of its config and weights), the image size
+and the data set (class, root, class names, length, a digest of its content); a cache that differs in any of them
+is refused with one line (or rebuilt on request), never reused.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+# DiT's (and Stable Diffusion v1's) latent scaling: unit-ish variance for the diffusion model.
+SCALE_FACTOR = 0.18215
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+# DiT's two VAEs (sample_ddp.py uses ema, sample.py mse), also accepted by their short names.
+VAE_NAMES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+CACHE_FORMAT = 1
+_META = "meta.json"
+_ARRAYS = ("mean.npy", "std.npy", "labels.npy")
+STORAGE_DTYPES = ("float32", "float16")
+
+
+class LatentError(ValueError):
+    """A user-fixable problem with the VAE or a latent cache; the message says what to change."""
+
+
+class VAENotFoundError(LatentError):
+    """The VAE is neither a local directory nor in the Hugging Face cache."""
+
+
+class LatentCacheMismatch(LatentError):
+    """A latent cache made with another VAE, image size, data set or flip setting."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The VAE
+
+
+class LatentVAE:
+    """
+    An ``AutoencoderKL`` with DiT's latent scaling.
+
+    :param vae: the diffusers autoencoder (put in eval mode, gradients off).
+    :param name: what it was loaded from (a Hugging Face name or a directory), recorded in latent caches.
+    :param scale_factor: latents are the VAE's posterior times this (DiT: 0.18215).
+    """
+
+    def __init__(self, vae: torch.nn.Module, name: str, scale_factor: float = SCALE_FACTOR):
+        self.vae = vae.eval().requires_grad_(False)
+        self.name = name
+        self.scale_factor = scale_factor
+        self.image_channels: int = vae.config.in_channels
+        self.latent_channels: int = vae.config.latent_channels
+        # Each encoder level but the last halves the side (8 for Stable Diffusion's four levels).
+        self.downsample: int = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._fingerprint: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LatentVAE:
+        """Move the autoencoder (in place); a dtype change changes the fingerprint (the latents change too)."""
+        self.vae.to(device=device, dtype=dtype)
+        if dtype is not None:
+            self._fingerprint = None
+        return self
+
+    @property
+    def fingerprint(self) -> str:
+        """A sha256 over the autoencoder's config and every tensor of its state dict (names, dtypes, shapes,
+        bytes): two VAEs with the same fingerprint encode alike. Computed once (about a second for SD's VAE)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            config = {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")}
+            digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+            for key, tensor in sorted(self.vae.state_dict().items()):
+                t = tensor.detach().cpu().contiguous()
+                digest.update(f"{key}:{t.dtype}:{list(t.shape)}".encode())
+                digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def latent_size(self, image_size: int) -> int:
+        """The latent side for ``image_size`` px images; LatentError unless the VAE's downsampling divides it."""
+        if image_size % self.downsample:
+            raise LatentError(
+                f"image_size={image_size} is not divisible by the VAE's downsampling factor {self.downsample}: "
+                f"use a multiple of {self.downsample}"
+            )
+        return image_size // self.downsample
+
+    @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        :param x: an [N x image_channels x H x W] Tensor of images in [-1, 1].
+        :return: (mean, std) of the VAE's diagonal Gaussian posterior, unscaled: [N x latent_channels x h x w]
+            Tensors with h = H / downsample, on the VAE's device and dtype.
+        """
+        if x.dim() != 4 or x.shape[1] != self.image_channels:
+            raise LatentError(
+                f"the VAE encodes [N, {self.image_channels}, H, W] images, got {list(x.shape)}: "
+                f"use {self.image_channels}-channel data (data.channels={self.image_channels})"
+            )
+        self.latent_size(x.shape[-1])
+        dist = self.vae.encode(x.to(self.device, self.dtype)).latent_dist
+        return dist.mean, dist.std
+
+    @torch.no_grad()
+    def encode(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+    ) -> torch.Tensor:
+        """
+        DiT's latents: ``latent_dist.sample() * scale_factor`` (or the mean times it, with ``sample=False``).
+
+        :param x: an [N x image_channels x H x W] Tensor of images in [-1, 1].
+        :param generator: the source of the posterior sample's noise (reproducible encoding); its device is
+            where the noise is drawn, so a CPU generator gives the same latents on any device.
+        :return: an [N x latent_channels x H/downsample x W/downsample] Tensor on the VAE's device.
+        """
+        mean, std = self.posterior(x)
+        if not sample:
+            return mean * self.scale_factor
+        where = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, device=where, dtype=mean.dtype).to(mean.device)
+        return (mean + std * noise) * self.scale_factor
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """
+        Latents back to images: ``vae.decode(z / scale_factor)``, clamped to [-1, 1].
+
+        :param z: an [N x latent_channels x h x w] Tensor of scaled latents (a sampler's output).
+        :param batch_size: decode this many at a time (the decoder's activations are large); None: all at once.
+        :return: an [N x image_channels x h*downsample x w*downsample] float32 Tensor in [-1, 1], on z's device.
+        """
+        if z.dim() != 4 or z.shape[1] != self.latent_channels:
+            raise LatentError(
+                f"the VAE decodes [N, {self.latent_channels}, h, w] latents, got {list(z.shape)}"
+            )
+        step = batch_size or max(len(z), 1)
+        parts = [
+            self.vae.decode(chunk.to(self.device, self.dtype) / self.scale_factor).sample
+            for chunk in z.split(step)
+        ]
+        return torch.cat(parts).float().clamp(-1.0, 1.0).to(z.device)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A directory rather than a Hugging Face name ("org/name", or a bare legacy "name")."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.exists(name)
+
+
+def load_vae(
+    name_or_path: str = DEFAULT_VAE,
+    cache_dir: str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    scale_factor: float = SCALE_FACTOR,
+) -> LatentVAE:
+    """
+    Open a VAE offline (``local_files_only=True``): a directory in diffusers' format (``config.json`` and
+    ``diffusion_pytorch_model.safetensors``, as ``save_pretrained`` writes), or a Hugging Face name found in the
+    cache. Nothing is downloaded.
+
+    :param name_or_path: a directory, a Hugging Face name (``stabilityai/sd-vae-ft-ema``, the default, or
+        ``stabilityai/sd-vae-ft-mse``), or the short names ``ema`` / ``mse``.
+    :param cache_dir: the Hugging Face cache to look in; None: the user's (``$HF_HUB_CACHE``, ``$HF_HOME/hub``).
+    :param scale_factor: latents are the posterior times this (DiT: 0.18215).
+    :raises VAENotFoundError: the VAE is not there; the message says what to download and where to put it.
+    """
+    from diffusers import AutoencoderKL
+
+    name = VAE_NAMES.get(name_or_path, name_or_path)
+    local = os.path.expanduser(name)
+    is_dir = os.path.isdir(local) or _looks_like_path(name)
+    if is_dir:
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise VAENotFoundError(
+                f"VAE directory {local} has no config.json: point it at a folder written by diffusers' "
+                f"AutoencoderKL.save_pretrained (config.json + diffusion_pytorch_model.safetensors), e.g. "
+                f"`hf download {DEFAULT_VAE} --local-dir {local}`"
+            )
+    try:
+        with warnings.catch_warnings():
+            # diffusers passes huggingface_hub an argument it deprecated; not the user's concern.
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+            vae = AutoencoderKL.from_pretrained(
+                local if is_dir else name,
+                local_files_only=True,
+                cache_dir=cache_dir,
+                torch_dtype=dtype,
+                low_cpu_mem_usage=False,
+            )
+    except OSError as e:
+        if is_dir:
+            raise VAENotFoundError(f"VAE directory {local} could not be read: {e}".splitlines()[0]) from e
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        where = cache_dir or HF_HUB_CACHE
+        raise VAENotFoundError(
+            f"VAE {name!r} is not in the Hugging Face cache {where} (it is never downloaded during a run): run "
+            f"`hf download {name}` (older clients: `huggingface-cli download {name}`) where there is internet "
+            f"and copy {where} here, or `hf download {name} --local-dir DIR` and pass DIR as the VAE path"
+        ) from e
+    return LatentVAE(vae.to(device), name=name, scale_factor=scale_factor)
+
+
+def check_latent_channels(vae: LatentVAE, in_channels: int) -> None:
+    """LatentError unless a model taking ``in_channels`` channels can be trained on this VAE's latents."""
+    if vae.latent_channels != in_channels:
+        raise LatentError(
+            f"the VAE {vae.name!r} makes {vae.latent_channels}-channel latents but model.in_channels="
+            f"{in_channels}: set model.in_channels={vae.latent_channels} (or use a VAE with {in_channels} latent "
+            "channels)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The latent cache
+
+
+def _digest(chunks: Sequence[bytes] | Any) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def dataset_identity(dataset: Dataset) -> dict[str, Any]:
+    """
+    What identifies an image data set for a latent cache: its class, length, class names, image size and
+    channels, its root directory when it has one, and digests of its content -- the image tensor of an in-memory
+    data set (digits, CIFAR-10) or the file list of a folder, and the labels.
+    """
+    kind = type(dataset)
+    identity: dict[str, Any] = {
+        "class": f"{kind.__module__}.{kind.__qualname__}",
+        "length": len(dataset),
+        "class_names": [str(n) for n in getattr(dataset, "class_names", [])],
+        "num_classes": int(getattr(dataset, "num_classes", 0)),
+        "image_size": getattr(dataset, "image_size", None),
+        "channels": getattr(dataset, "channels", None),
+    }
+    for attr in ("root", "dir", "train"):
+        value = getattr(dataset, attr, None)
+        if isinstance(value, str | int | bool | float):
+            identity[attr] = value
+    images = getattr(dataset, "images", None)
+    if isinstance(images, torch.Tensor):
+        flat = images.detach().cpu().contiguous().reshape(-1)
+        identity["images_sha256"] = _digest([flat.view(torch.uint8).numpy().tobytes()])
+    files = getattr(dataset, "files", None)
+    if isinstance(files, list):
+        identity["files_sha256"] = _digest(f"{f}\n".encode() for f in files)
+    labels = getattr(dataset, "targets", getattr(dataset, "labels", None))
+    if isinstance(labels, torch.Tensor | np.ndarray | list):
+        identity["labels_sha256"] = _digest([np.asarray(labels, dtype=np.int64).tobytes()])
+    return identity
+
+
+def latent_cache_metadata(dataset: Dataset, vae: LatentVAE, flips: bool) -> dict[str, Any]:
+    """The metadata a cache of ``dataset`` encoded by ``vae`` must have (compared field by field on reading)."""
+    image_size = dataset.image_size
+    return {
+        "format": CACHE_FORMAT,
+        "vae": {
+            "name": vae.name,
+            "fingerprint": vae.fingerprint,
+            "scale_factor": vae.scale_factor,
+            "latent_channels": vae.latent_channels,
+            "downsample": vae.downsample,
+        },
+        "image_size": image_size,
+        "latent_size": vae.latent_size(image_size),
+        "dataset": dataset_identity(dataset),
+        "flips": bool(flips),
+    }
+
+
+# Recorded for people, not compared: the same weights moved to another directory are the same VAE.
+_NOT_COMPARED = {"vae.name"}
+
+
+def _show(key: str, value: Any) -> str:
+    if isinstance(value, str) and (key.endswith("sha256") or key.endswith("fingerprint")):
+        return value[:12]
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _differences(cached: dict, expected: dict, prefix: str = "") -> list[str]:
+    """One "field cached-value (cache) vs expected-value (now)" per differing field of ``expected``."""
+    out = []
+    for key in expected:
+        name = f"{prefix}{key}"
+        a, b = cached.get(key), expected[key]
+        if name in _NOT_COMPARED:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{name}.")
+        elif a != b:
+            out.append(f"{name} {_show(key, a)} (cache) vs {_show(key, b)} (now)")
+            if name == "vae.fingerprint":
+                out[-1] += f", VAE {cached.get('name')!r} (cache) vs {expected.get('name')!r} (now)"
+    return out
+
+
+def _unaugmented(dataset: Dataset) -> Dataset:
+    """The data set with its flips off (a shallow copy), refusing random crops, which a cache would freeze."""
+    if getattr(dataset, "random_crop", False):
+        raise LatentError(
+            "a latent cache cannot hold random crops (it would freeze one crop per image): set "
+            "data.random_crop=false (DiT's center crop) or encode on the fly"
+        )
+    if getattr(dataset, "random_flip", False):
+        dataset = copy.copy(dataset)
+        dataset.random_flip = False
+    return dataset
+
+
+class _Items(Dataset):
+    """Items of a data set read through ``load(index, rng)`` with a fixed generator, for the encoding pass."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        load = getattr(self.dataset, "load", None)
+        if load is None:
+            return self.dataset[index]
+        return load(index, np.random.default_rng(index))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_cache(
+    dataset: Dataset,
+    vae: LatentVAE,
+    tmp: Path,
+    meta: dict,
+    batch_size: int,
+    num_workers: int,
+    storage_dtype: str,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    n, c, s = len(dataset), vae.latent_channels, meta["latent_size"]
+    views = 2 if meta["flips"] else 1
+    shape = (views, n, c, s, s)
+    mean = np.lib.format.open_memmap(tmp / "mean.npy", mode="w+", dtype=storage_dtype, shape=shape)
+    std = np.lib.format.open_memmap(tmp / "std.npy", mode="w+", dtype=storage_dtype, shape=shape)
+    labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.int64, shape=(n,))
+    loader = DataLoader(_Items(_unaugmented(dataset)), batch_size=batch_size, num_workers=num_workers)
+    done = 0
+    for x, y in loader:
+        expected = (vae.image_channels, meta["image_size"], meta["image_size"])
+        if tuple(x.shape[1:]) != expected:
+            raise LatentError(
+                f"the data set gives images of shape {list(x.shape[1:])}, the VAE {vae.name!r} takes "
+                f"{list(expected)}: set data.channels={vae.image_channels}"
+            )
+        for view, images in enumerate((x, x.flip(-1))[:views]):
+            m, sd = vae.posterior(images)
+            mean[view, done : done + len(x)] = m.float().cpu().numpy()
+            std[view, done : done + len(x)] = sd.float().cpu().numpy()
+        labels[done : done + len(x)] = y.numpy()
+        done += len(x)
+        if progress is not None:
+            progress(done, n)
+    for array in (mean, std, labels):
+        array.flush()
+    del mean, std, labels
+    for name in _ARRAYS:
+        _fsync(tmp / name)
+    # meta.json last: a directory with it is complete.
+    (tmp / _META).write_text(json.dumps(meta, indent=1))
+    _fsync(tmp / _META)
+
+
+def build_latent_cache(
+    dataset: Dataset,
+    vae: LatentVAE,
+    path: str | os.PathLike,
+    flips: bool | None = None,
+    rebuild: bool = False,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    storage_dtype: str = "float32",
+    sample: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> LatentDataset:
+    """
+    Encode ``dataset`` once into the cache directory ``path`` and open it; a matching cache is reused as is.
+
+    :param dataset: a data set of (x, y) items, x a float [C x H x W] Tensor in [-1, 1] (e.g.
+        ``diffusion.data.Digits``); its own flips are turned off for encoding.
+    :param vae: the VAE to encode with.
+    :param flips: also encode every image mirrored left-right; None: as the data set's ``random_flip`` (False
+        when it has none).
+    :param rebuild: replace a cache at ``path`` that does not match (otherwise it is refused with one line).
+    :param batch_size: images per encoder call.
+    :param num_workers: DataLoader workers decoding the images.
+    :param storage_dtype: "float32" or "float16" (half the disk; the posterior's precision is ample for it).
+    :param sample: the returned dataset's ``sample`` (see :class:`LatentDataset`).
+    :param progress: called as progress(done, total) after each batch.
+    :raises LatentCacheMismatch: a cache at ``path`` was made otherwise and ``rebuild`` is False.
+    """
+    if storage_dtype not in STORAGE_DTYPES:
+        raise LatentError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
+    if batch_size < 1:
+        raise LatentError(f"batch_size must be >= 1, got {batch_size}")
+    path = Path(path).expanduser().absolute()
+    flips = bool(getattr(dataset, "random_flip", False)) if flips is None else flips
+    channels = getattr(dataset, "channels", vae.image_channels)
+    if channels != vae.image_channels:
+        raise LatentError(
+            f"the data set has {channels}-channel images, the VAE {vae.name!r} encodes {vae.image_channels}: "
+            f"set data.channels={vae.image_channels}"
+        )
+    meta = latent_cache_metadata(dataset, vae, flips)
+    if (path / _META).is_file():
+        try:
+            return LatentDataset(path, expect=meta, sample=sample)
+        except LatentCacheMismatch:
+            if not rebuild:
+                raise
+    elif path.exists() and any(path.iterdir()):
+        raise LatentError(
+            f"{path} exists and is not a latent cache (no {_META}): choose an empty or new directory"
+        )
+
+    replacing = path.exists()  # a cache that did not match (rebuild=True), or an empty directory
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    tmp.mkdir()
+    try:
+        _write_cache(dataset, vae, tmp, {**meta, "storage_dtype": storage_dtype}, batch_size, num_workers,
+                     storage_dtype, progress)  # fmt: skip
+        _move_into_place(tmp, path, replacing)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return LatentDataset(path, expect=meta, sample=sample)
+
+
+def _move_into_place(tmp: Path, path: Path, replacing: bool) -> None:
+    """Rename the finished cache to ``path``. When ``replacing``, what was there is renamed away first and deleted
+    after; otherwise a cache that another process put there meanwhile is kept (and checked by the caller)."""
+    old = None
+    if replacing and path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        # Another process put a cache there in the meantime; the caller's reading it checks that it matches.
+        if not (path / _META).is_file():
+            raise
+    if old is not None:
+        # Readers that opened the old arrays keep their memory maps until they close them.
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync(path.parent)
+
+
+class LatentDataset(Dataset):
+    """
+    A latent cache read back with the item contract of the project's data sets.
+
+    Items are (x, y): x an [latent_channels x latent_size x latent_size] float32 Tensor of scaled latents
+    (``(mean + std * noise) * scale_factor``, the noise from the item's generator), y an int64 scalar. Attributes:
+    ``num_classes``, ``class_names``, ``image_size`` (the latent side), ``channels`` (latent channels),
+    ``pixel_image_size``, ``vae_name``, ``scale_factor``, ``flips``, ``meta``.
+
+    :param path: the cache directory written by :func:`build_latent_cache`.
+    :param expect: the metadata this run needs (:func:`latent_cache_metadata`); a cache that differs in any
+        field is refused with LatentCacheMismatch naming the fields. None: no check.
+    :param random_flip: pick the mirrored image's latent with probability 1/2; None: when the cache holds them.
+    :param sample: draw from the posterior (DiT's training); False returns the posterior mean.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        expect: dict[str, Any] | None = None,
+        random_flip: bool | None = None,
+        sample: bool = True,
+    ):
+        self.path = Path(path).expanduser().absolute()
+        meta_file = self.path / _META
+        if not meta_file.is_file():
+            raise LatentError(
+                f"no latent cache at {self.path} (no {_META}): write it first with build_latent_cache"
+            )
+        self.meta = json.loads(meta_file.read_text())
+        if self.meta.get("format") != CACHE_FORMAT:
+            raise LatentCacheMismatch(
+                f"latent cache {self.path} has format {self.meta.get('format')}, this code reads "
+                f"{CACHE_FORMAT}: rebuild it"
+            )
+        if expect is not None:
+            diffs = _differences(self.meta, expect)
+            if diffs:
+                raise LatentCacheMismatch(
+                    f"latent cache {self.path} was made with another setting ({'; '.join(diffs)}): rebuild it "
+                    "(rebuild=True) or use another cache directory"
+                )
+        self.flips = bool(self.meta["flips"])
+        if random_flip and not self.flips:
+            raise LatentError(
+                f"latent cache {self.path} holds unflipped latents only: rebuild it with flips=True, or set "
+                "random_flip=False"
+            )
+        self.random_flip = self.flips if random_flip is None else random_flip
+        self.sample = sample
+        self._open()
+        data = self.meta["dataset"]
+        self.class_names = list(data["class_names"])
+        self.num_classes = int(data["num_classes"])
+        self.image_size = int(self.meta["latent_size"])
+        self.channels = int(self.meta["vae"]["latent_channels"])
+        self.pixel_image_size = int(self.meta["image_size"])
+        self.vae_name = self.meta["vae"]["name"]
+        self.scale_factor = float(self.meta["vae"]["scale_factor"])
+
+    def _open(self) -> None:
+        # Memory maps: every rank and DataLoader worker shares the page cache instead of holding a copy.
+        self.mean = np.load(self.path / "mean.npy", mmap_mode="r")  # (views, N, C, h, w)
+        self.std = np.load(self.path / "std.npy", mmap_mode="r")
+        self.labels = np.load(self.path / "labels.npy", mmap_mode="r")  # (N,)
+
+    def __getstate__(self) -> dict:
+        # Pickling a memory map copies its data; workers started by spawn map the files themselves instead.
+        return {k: v for k, v in self.__dict__.items() if k not in ("mean", "std", "labels")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        :param index: which image.
+        :param rng: the source of the flip choice and the posterior sample.
+        :return: (x, y): a float32 [latent_channels x latent_size x latent_size] Tensor and an int64 label.
+        """
+        view = 1 if self.random_flip and rng.random() < 0.5 else 0
+        mean = self.mean[view, index].astype(np.float32)
+        if self.sample:
+            noise = rng.standard_normal(mean.shape, dtype=np.float32)
+            mean = mean + self.std[view, index].astype(np.float32) * noise
+        x = torch.from_numpy(mean * np.float32(self.scale_factor))
+        return x, torch.tensor(int(self.labels[index]), dtype=torch.int64)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.load(index, np.random.default_rng())
