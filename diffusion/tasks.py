@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -71,12 +72,17 @@ class Task:
         return {}
 
 
-def check_image_size(model_cfg: DictConfig, data) -> None:
-    if model_cfg.image_size != data.image_size:
+def fit_to_data(model_cfg: DictConfig, data, **runtime) -> dict:
+    """The model group's config as a dict, completed with the run-time values by the network class's own
+    ``fit_to_data(config, data, **runtime)`` (see UNetModel.fit_to_data)."""
+    config = OmegaConf.to_container(model_cfg, resolve=True)
+    network = get_class(config["_target_"])
+    if not hasattr(network, "fit_to_data"):
         raise ConfigError(
-            f"model.image_size={model_cfg.image_size} but data.image_size={data.image_size}: set both to the "
-            "same value (data.image_size follows the model unless overridden)"
+            f"model._target_={config['_target_']} cannot be trained here: it has no fit_to_data classmethod "
+            "that takes the data's channels and classes"
         )
+    return network.fit_to_data(config, data, **runtime)
 
 
 class DiffusionTask(Task):
@@ -98,15 +104,7 @@ class DiffusionTask(Task):
         :return: the model and its complete constructor config (stored in checkpoints, so that sampling
             needs no flags).
         """
-        check_image_size(model_cfg, data)
-        config = OmegaConf.to_container(model_cfg, resolve=True)
-        config.update(in_channels=data.channels, learn_sigma=self.diffusion.learns_sigma)
-        if config.get("class_cond"):
-            if data.num_classes < 1:
-                raise ConfigError(
-                    "model.class_cond=true but the data has no labels: set model.class_cond=false"
-                )
-            config["num_classes"] = data.num_classes
+        config = fit_to_data(model_cfg, data, learn_sigma=self.diffusion.learns_sigma)
         model = build(config)
         self.class_cond = model.num_classes is not None
         return model, config

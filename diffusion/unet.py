@@ -546,6 +546,29 @@ class UNetModel(nn.Module):
             _norm(ch), nn.SiLU(), _zeroed(nn.Conv2d(ch, self.out_channels, 3, padding=1))
         )
 
+    @classmethod
+    def fit_to_data(cls, config: dict, data, learn_sigma: bool) -> dict:
+        """
+        The constructor config with the values only the run knows: the data's channels and classes and whether
+        the diffusion learns its variance. Every network a task trains has this classmethod; a task calls it
+        before building the network, so the checkpoint stores the complete config.
+
+        :param config: the model group's config as a plain dict (with ``_target_``).
+        :param data: a dataset with ``image_size``, ``channels`` and ``num_classes`` (0: unlabeled).
+        :raises ConfigError: when the data cannot feed this network.
+        """
+        if config["image_size"] != data.image_size:
+            raise ConfigError(
+                f"model.image_size={config['image_size']} but data.image_size={data.image_size}: set both to "
+                "the same value (data.image_size follows the model unless overridden)"
+            )
+        if config.get("class_cond") and data.num_classes < 1:
+            raise ConfigError("model.class_cond=true but the data has no labels: set model.class_cond=false")
+        config = {**config, "in_channels": data.channels, "learn_sigma": learn_sigma}
+        if config.get("class_cond"):
+            config["num_classes"] = data.num_classes
+        return config
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """
         :param x: an [N x in_channels x H x W] Tensor of noisy images.
