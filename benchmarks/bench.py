@@ -54,9 +54,6 @@ from diffusion.training import (  # noqa: E402
     StepPlan,
     TrainState,
     build_task,
-    lr_lambda,
-    make_ema,
-    make_optimizer,
 )
 from diffusion.training import train_step as engine_train_step  # noqa: E402
 
@@ -338,18 +335,7 @@ def build_train(cfg: DictConfig, batch: int) -> TrainSetup:
     data = SimpleNamespace(image_size=m.image_size, channels=m.in_channels, num_classes=num_classes)
     model, _ = task.build_model(cfg.model, data)
     model = hw.prepare_model(model).train()
-    optimizer = make_optimizer(cfg, model, hw)
-    state = TrainState(
-        model=model,
-        ema=make_ema(model, cfg.optim.ema_rates),
-        optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.optim.lr_anneal_steps)
-        ),
-        scaler=hw.grad_scaler(),
-        sampler=task.sampler,
-        loader=None,
-    )
+    state = TrainState.create(cfg, model, hw, task.sampler)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, m.in_channels, m.image_size, m.image_size, generator=gen).mul(2).sub(1)
     y = torch.randint(0, max(num_classes, 1), (batch,), generator=gen)

@@ -90,17 +90,12 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
     model, model_config = task.build_model(cfg.model, dataset)
     model = hw.prepare_model(model)
     log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
-    optimizer = make_optimizer(cfg, model, hw)
-    state = TrainState(
-        model=model,
-        ema=make_ema(model, cfg.optim.ema_rates),
-        optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.optim.lr_anneal_steps)
-        ),
-        scaler=hw.grad_scaler(),
-        sampler=task.sampler,
-        loader=loader,
+    state = TrainState.create(
+        cfg,
+        model,
+        hw,
+        task.sampler,
+        loader,
         config=OmegaConf.to_yaml(cfg, resolve=True),
         model_config=model_config,
         class_names=list(dataset.class_names),
@@ -403,6 +398,25 @@ class TrainState:
     class_names: list[str] = field(default_factory=list)
     step: int = 0
     wandb_id: str | None = None
+
+    @classmethod
+    def create(cls, cfg: DictConfig, model: torch.nn.Module, hw, sampler, loader=None, **info) -> TrainState:
+        """A fresh state for ``model`` (on its device): EMA copies, the configured optimizer, lr schedule and grad
+        scaler. ``info``: the run's config, model_config and class_names, as stored in checkpoints."""
+        optimizer = make_optimizer(cfg, model, hw)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.optim.lr_anneal_steps)
+        )
+        return cls(
+            model,
+            make_ema(model, cfg.optim.ema_rates),
+            optimizer,
+            scheduler,
+            hw.grad_scaler(),
+            sampler,
+            loader,
+            **info,
+        )
 
     @property
     def first_ema(self) -> torch.nn.Module:
