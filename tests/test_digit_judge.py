@@ -1,20 +1,19 @@
-"""The digit evaluation, on real held-out digits rendered the way sample.py writes samples."""
-
-import json
-import subprocess
-import sys
+"""The digit judge, on real held-out digits rendered the way sample.py writes samples."""
 
 import numpy as np
 import pytest
+import torch
 from sklearn.datasets import load_digits
 
 from diffusion.data import Digits
-from diffusion.evaluate import (
+from diffusion.digit_judge import (
+    DigitFeatures,
     digit_accuracy,
     digit_features,
     evaluate_samples,
-    main,
+    format_report,
     per_class_accuracy,
+    real_digit_images,
     train_digit_classifier,
 )
 from diffusion.images import to_uint8
@@ -82,7 +81,7 @@ def test_bad_inputs_are_named(classifier, images, labels, match):
         digit_accuracy(images, labels, classifier)
 
 
-def test_report_from_a_samples_file(classifier, tmp_path, capsys):
+def test_report_from_a_samples_file(classifier, tmp_path):
     images, labels = _render(classifier.held_out[:100], 16, 1)
     path = tmp_path / "samples.npz"
     np.savez(path, images, labels)
@@ -90,32 +89,42 @@ def test_report_from_a_samples_file(classifier, tmp_path, capsys):
     assert report["num_samples"] == 100 and report["accuracy"] > 0.95
     assert sum(report["per_class_count"]) == 100 and sum(report["predicted_counts"]) == 100
     assert set(report["per_class_accuracy"]) == set(np.unique(labels).tolist())
-    assert main([str(path)]) == 0
-    out = capsys.readouterr().out
-    assert f"accuracy vs conditioning labels: {report['accuracy']:.4f}" in out and "per-class accuracy" in out
+    text = format_report(report)
+    assert (
+        f"accuracy vs conditioning labels: {report['accuracy']:.4f}" in text and "per-class accuracy" in text
+    )
 
     unconditional = tmp_path / "uncond.npz"
     np.savez(unconditional, images)
     report = evaluate_samples(str(unconditional), classifier)
     assert "accuracy" not in report and sum(report["predicted_counts"]) == 100
-    assert main([str(unconditional), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["predicted_counts"] == report["predicted_counts"]
+    assert "no arr_1 labels" in format_report(report)
 
 
-@pytest.mark.slow  # a fresh interpreter imports torch and scikit-learn: several seconds on 2 cores
-def test_command_line_entry_point(classifier, tmp_path):
-    images, labels = _render(classifier.held_out[:50], 32, 1)
-    path = tmp_path / "samples.npz"
-    np.savez(path, images, labels)
-    done = subprocess.run(
-        [sys.executable, "-m", "diffusion.evaluate", str(path)], capture_output=True, text=True
+def test_reference_digits_are_the_held_out_ones(classifier):
+    images = real_digit_images(classifier)
+    assert images.dtype == np.uint8 and images.shape == (450, 8, 8, 1)
+    np.testing.assert_allclose(
+        digit_features(images), load_digits().data[classifier.held_out], atol=16 / 255 / 2
     )
-    assert done.returncode == 0, done.stderr
-    accuracy = float(done.stdout.split("accuracy vs conditioning labels:")[1].split()[0])
-    assert accuracy > 0.95
 
 
-def test_missing_file_exits_with_a_usage_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(tmp_path / "nope.npz")])
-    assert exit_info.value.code == 2 and "nope.npz" in capsys.readouterr().err
+def test_digit_features(classifier):
+    images, labels = _render(classifier.held_out[:40], 16, 3)
+    features = DigitFeatures(classifier)(torch.from_numpy(images))
+    assert {k: tuple(v.shape) for k, v in features.items()} == {
+        "pool": (40, 45),
+        "spatial": (40, 64),
+        "logits": (40, 10),
+    }
+    assert all(v.dtype == torch.float32 for v in features.values())
+    np.testing.assert_allclose(features["spatial"].numpy(), digit_features(images), rtol=1e-6)
+    np.testing.assert_allclose(
+        features["pool"].numpy(), classifier.model.decision_function(digit_features(images)), rtol=1e-5
+    )
+    probabilities = features["logits"].exp()
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(40, dtype=torch.float32))
+    # The judge's probabilities are confident and right on real digits it never saw.
+    assert (probabilities.argmax(1).numpy() == labels).mean() > 0.95 and probabilities.max(
+        1
+    ).values.mean() > 0.8
