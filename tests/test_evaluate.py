@@ -281,13 +281,16 @@ def test_evaluator_metrics_from_gathered_features(judge):
         evaluator.compute_metrics(evaluator.extract(images[:3]))
 
 
-def test_evaluator_settings_are_checked():
+def test_evaluator_settings_are_checked(weights):
     with pytest.raises(ValueError, match="features must be one of"):
         Evaluator(features="clip")
     with pytest.raises(ValueError, match="distance_precision"):
         Evaluator(features="digits", distance_precision="bfloat16")
-    with pytest.raises(ValueError, match="need a reference batch"):
-        Evaluator(features="inception")
+    # Without a reference an evaluator still extracts features (ranks other than 0 need no more).
+    evaluator = Evaluator(features="inception", inception_weights=weights, download_weights=False)
+    assert evaluator.extract(np.zeros((1, 8, 8, 1), np.uint8))["pool"].shape == (1, 2048)
+    with pytest.raises(ValueError, match="inception features need a reference batch"):
+        evaluator.compute_metrics(evaluator.extract(np.zeros((4, 8, 8, 1), np.uint8)))
 
 
 def test_reference_batch_writer_streams_images_and_chunks(tmp_path):
