@@ -223,6 +223,24 @@ def _as_batches(images: Iterable[np.ndarray | torch.Tensor]) -> Iterator[np.ndar
         yield array
 
 
+def _write_npz(
+    path: Path, raw, shape: tuple[int, ...], stats: dict[str, FeatureStatistics], feature_set: str
+) -> None:
+    """An uncompressed .npz as numpy.savez writes it, with arr_0 copied from the raw uint8 bytes in ``raw``."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as member:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
+            np.lib.format.write_array_header_1_0(member, {**header, "shape": shape})
+            while block := raw.read(1 << 24):
+                member.write(block)
+        extras = {"feature_set": np.array(feature_set)}
+        for kind, (mu_key, sigma_key) in STATISTICS_KEYS.items():
+            extras[mu_key], extras[sigma_key] = stats[kind].mu, stats[kind].sigma
+        for name, array in extras.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
+
+
 def write_reference_batch(
     path: str | Path,
     images: Iterable[np.ndarray | torch.Tensor],
@@ -268,17 +286,10 @@ def write_reference_batch(
         stats = {kind: feature_statistics(torch.cat(values)) for kind, values in features.items()}
         raw.seek(0)
         partial = path.with_name(path.name + ".partial")
-        with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as member:
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
-                np.lib.format.write_array_header_1_0(member, {**header, "shape": (count, *image_shape)})
-                while block := raw.read(1 << 24):
-                    member.write(block)
-            extras = {"feature_set": np.array(evaluator.feature_set.name)}
-            for kind, (mu_key, sigma_key) in STATISTICS_KEYS.items():
-                extras[mu_key], extras[sigma_key] = stats[kind].mu, stats[kind].sigma
-            for name, array in extras.items():
-                with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
-        os.replace(partial, path)
+        try:
+            _write_npz(partial, raw, (count, *image_shape), stats, evaluator.feature_set.name)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        os.replace(partial, path)  # only a complete file ever appears under the real name
     return open_batch(path, role="reference batch")

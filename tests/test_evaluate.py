@@ -100,18 +100,18 @@ def test_both_reference_layouts_give_the_same_numbers_digits(judge, tmp_path, ca
 
 
 def test_both_reference_layouts_give_the_same_statistics_inception(weights, tmp_path):
-    images = np.random.default_rng(1).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    images = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     plain, with_stats = tmp_path / "ref.npz", tmp_path / "ref_stats.npz"
     np.savez(plain, images)
-    kwargs = dict(features="inception", inception_weights=weights, batch_size=3, download_weights=False)
-    writer = Evaluator(reference=plain, **kwargs)
-    write_reference_batch(with_stats, [images[:3], images[3:]], writer)  # chunks as the evaluator batches
+    kwargs = dict(features="inception", inception_weights=weights, batch_size=2, download_weights=False)
+    computing = Evaluator(reference=plain, **kwargs)
+    write_reference_batch(with_stats, [images[:2], images[2:]], computing)  # chunks as the evaluator batches
     with np.load(with_stats) as npz:
         assert sorted(npz.files) == ["arr_0", "feature_set", "mu", "mu_s", "sigma", "sigma_s"]
         assert npz["mu"].shape == (2048,) and npz["sigma_s"].shape == (2023, 2023)
         np.testing.assert_array_equal(npz["arr_0"], images)
 
-    computed = Evaluator(reference=plain, **kwargs).reference()
+    computed = computing.reference()
     stored = Evaluator(reference=with_stats, **kwargs).reference()
     assert torch.equal(computed.manifold, stored.manifold)  # precision/recall always use the images
     for kind in ("pool", "spatial"):
@@ -232,8 +232,20 @@ def test_missing_weights_and_a_missing_reference_get_one_line(tmp_path, capsys, 
     assert "\n" not in err and "give the reference batch first" in err
 
 
-@pytest.mark.slow  # a fresh interpreter imports torch, scipy and scikit-learn: several seconds on 2 cores
-def test_command_line_entry_point_has_no_traceback(tmp_path):
+@pytest.mark.slow  # two fresh interpreters import torch, scipy and scikit-learn: several seconds on 2 cores
+def test_command_line_entry_point(judge, tmp_path):
+    # The command `make train` runs on the digits samples.
+    images, labels = _digits(judge.held_out[:50], size=16)
+    samples = _save(tmp_path / "samples.npz", images, labels)
+    done = subprocess.run(
+        [sys.executable, "-m", "diffusion.evaluate", "--features", "digits", samples],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split("accuracy vs conditioning labels:")[1].split()[0]) > 0.95
+    assert _printed(done.stdout)["Precision"] > 0.8
+    # A bad request: one line on stderr, no traceback.
     batch = _save(tmp_path / "b.npz", np.zeros((8, 8, 8, 3), np.uint8))
     done = subprocess.run(
         [
