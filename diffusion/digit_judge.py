@@ -131,6 +131,10 @@ class DigitFeatures:
         """The SVM runs on the CPU whatever the device; features come back on the images' device."""
         return self
 
+    def default_reference(self) -> np.ndarray:
+        """The real digits the judge never saw (:func:`real_digit_images`)."""
+        return real_digit_images(self.classifier)
+
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """
         :param images: a uint8 [N x H x W x C] Tensor, C = 1 or 3.

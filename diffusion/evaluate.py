@@ -74,6 +74,10 @@ class FeatureSet(Protocol):
 
     def to(self, device: torch.device | str) -> FeatureSet: ...
 
+    def default_reference(self) -> np.ndarray | None:
+        """uint8 [N x H x W x C] reference images to use when no reference batch is given, or None."""
+        ...
+
 
 def _inception(inception_weights: str | Path | None, download_weights: bool) -> FeatureSet:
     from diffusion.inception import InceptionFeatures
@@ -225,16 +229,18 @@ class Evaluator:
         """The reference, computed on first use and kept (its features take as long as the samples')."""
         if self._reference is None:
             batch = self.open_reference()
-            if batch is None and self.feature_set.name != "digits":
-                raise ValueError(
-                    f"{self.feature_set.name} features need a reference batch (e.g. OpenAI's "
-                    f"VIRTUAL_imagenet64_labeled.npz, or one written by write_reference_batch)"
-                )
             if batch is None:
-                from diffusion.digit_judge import real_digit_images
-
-                images = real_digit_images(self.feature_set.classifier)
-                features, stats, source = self.extract(images), None, "held-out real digits"
+                images = self.feature_set.default_reference()
+                if images is None:
+                    raise ValueError(
+                        f"{self.feature_set.name} features need a reference batch (e.g. OpenAI's "
+                        f"VIRTUAL_imagenet64_labeled.npz, or one written by write_reference_batch)"
+                    )
+                features, stats, source = (
+                    self.extract(images),
+                    None,
+                    f"the built-in {self.feature_set.name} reference",
+                )
             else:
                 features = self.extract_batches(batch.batches(self.batch_size), total=len(batch))
                 stats, source = batch.statistics, str(batch.path)
@@ -394,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(results["digit_judge"]))
         print(
             "metrics on the digit judge's features (FID: its 45 decision values; sFID, precision, recall: the 8x8 "
-            "pixels; IS: its class probabilities), against the " + results["reference"]
+            "pixels; IS: its class probabilities), against " + results["reference"]
         )
     print(format_metrics(results))
     return 0

@@ -133,6 +133,10 @@ class InceptionFeatures(nn.Module):
         self._spatial: Tensor | None = None
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
 
+    def default_reference(self) -> None:
+        """No built-in reference: Inception features are compared with a reference batch."""
+        return None
+
     def train(self, mode: bool = True) -> InceptionFeatures:
         """A fixed feature extractor: batch norm keeps its running statistics even under ``.train()``."""
         return super().train(False)
