@@ -18,7 +18,9 @@ the accuracy against them, overall and per class, next to the classifier's own h
 - ``"logits"`` (IS): the log of the judge's class probabilities (Platt scaling of the SVM's one-vs-rest scores,
   fitted by 5-fold cross-validation on the judge's training digits), so IS is at most 10.
 
-The reference for these is :func:`real_digit_images`: the 450 real digits the judge was not trained on.
+The reference for these is :func:`real_digit_images`: the 450 real digits the judge was not trained on. For
+scale: 200 real digits it was trained on score IS 8.3, FID 0.36, sFID 129, precision 0.95, recall 0.64; 200
+images of uniform noise IS 1.8, FID 16, sFID 2560, precision 0, recall 0.
 """
 
 from __future__ import annotations
