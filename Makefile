@@ -20,7 +20,7 @@ train: install
 	$(PY) train.py experiment=digits hydra.run.dir=outputs/digits
 	$(PY) sample.py checkpoint=outputs/digits/checkpoints/latest.pt num_samples=100 batch_size=100 \
 		solver=dpm_solver guidance_scale=2 hardware.num_threads=1 hydra.run.dir=outputs/digits/sample
-	$(PY) -m diffusion.evaluate outputs/digits/sample/samples.npz
+	$(PY) -m diffusion.evaluate --features digits outputs/digits/sample/samples.npz
 
 # One thread per process: the tests run small networks and start several processes at once, and on two
 # cores two threads per process mostly wait for each other.

@@ -1,10 +1,24 @@
-"""The project's own evaluation of digit samples: does a class-conditional model draw the digit it was asked for?
+"""Sample quality as OpenAI's guided-diffusion evaluator reports it: FID, sFID, Inception Score, precision, recall.
 
-    python -m diffusion.evaluate outputs/digits/sample/samples.npz
+    python -m diffusion.evaluate REF_BATCH.npz SAMPLE_BATCH.npz [--inception-weights PATH]
+    python -m diffusion.evaluate --features digits [REF_BATCH.npz] SAMPLE_BATCH.npz
 
-reads ``arr_0`` (uint8 [N x H x W x C] samples) and ``arr_1`` (the conditioning labels), shrinks each sample
-to the 8x8, 0..16 format of scikit-learn's digits, classifies it with an SVM trained on those digits, and prints
-the accuracy against the labels, overall and per class, next to the classifier's own held-out accuracy.
+Batches are ``.npz`` files with ``arr_0`` uint8 [N x H x W x C] images (see :mod:`diffusion.batch_files`); a
+reference batch may carry precomputed statistics (OpenAI's published reference batches work as they are). The
+reference images are always read: precision and recall compare the samples with them. Printed, as OpenAI's
+evaluator prints them: ``Inception Score: <float>``, ``FID: <float>``, ``sFID: <float>``, ``Precision: <float>``,
+``Recall: <float>``.
+
+Feature sets (``--features``):
+
+- ``inception`` (default): ADM's Inception-v3 features (:mod:`diffusion.inception`);
+- ``digits``: the digit judge's features (:class:`diffusion.digit_judge.DigitFeatures`), for the built-in 8x8
+  digits run; the reference defaults to the real digits the judge never saw, and the judge's accuracy report
+  is printed too.
+
+For the training engine, :class:`Evaluator` is the same computation as an object: ``extract`` turns uint8 images
+into features on any rank, ``compute_metrics`` turns the gathered features into {fid, sfid, is, precision,
+recall} against the reference.
 """
 
 from __future__ import annotations
@@ -12,169 +26,383 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.svm import SVC
+from torch import Tensor
 
-NUM_DIGITS = 10
+from diffusion.batch_files import BatchFile, BatchFileError, check_same_format, open_batch
+from diffusion.metrics import (
+    DISTANCE_PRECISIONS,
+    FeatureStatistics,
+    exact_fp32,
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
+
+METRICS = ("fid", "sfid", "is", "precision", "recall")
+# The lines OpenAI's evaluator prints, in its order, and the metric each shows.
+PRINTED = (
+    ("Inception Score", "is"),
+    ("FID", "fid"),
+    ("sFID", "sfid"),
+    ("Precision", "precision"),
+    ("Recall", "recall"),
+)
 
 
-def digit_features(images: np.ndarray) -> np.ndarray:
+class FeatureSet(Protocol):
+    """What the evaluator measures images with: uint8 [N x H x W x C] images -> {"pool", "spatial", "logits"}.
+
+    FID is computed on "pool", sFID on "spatial", IS on "logits", precision and recall on the kind
+    ``precision_recall_on`` names ("pool" in ADM).
     """
-    Put samples into the classifier's input format: grayscale, 8x8 (area average), values 0..16.
 
-    :param images: a uint8 [N x H x W x C] (C = 1 or 3) or [N x H x W] array.
-    :return: a float [N x 64] array.
-    """
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise ValueError(
-            f"images must be uint8 (0..255) as samples.npz stores them, got dtype {images.dtype}"
-        )
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) == 0:
-        raise ValueError(
-            f"images must be a non-empty [N x H x W x C] array with C = 1 or 3 (or [N x H x W]), got shape "
-            f"{images.shape}"
-        )
-    gray = torch.from_numpy(images).float().mean(-1, keepdim=True).permute(0, 3, 1, 2)  # (N, 1, H, W)
-    # Area averaging undoes the model's smooth upsampling of the 8x8 digits almost exactly.
-    small = F.interpolate(gray, size=(8, 8), mode="area")
-    return (small.reshape(len(images), 64) * (16.0 / 255.0)).numpy()
+    name: str
+    dims: Mapping[str, int]
+    precision_recall_on: str
+
+    def __call__(self, images: Tensor) -> dict[str, Tensor]: ...
+
+    def to(self, device: torch.device | str) -> FeatureSet: ...
+
+    def default_reference(self) -> np.ndarray | None:
+        """uint8 [N x H x W x C] reference images to use when no reference batch is given, or None."""
+        ...
+
+
+def _inception(inception_weights: str | Path | None, download_weights: bool) -> FeatureSet:
+    from diffusion.inception import InceptionFeatures
+
+    return InceptionFeatures(inception_weights, download=download_weights)
+
+
+def _digits(inception_weights: str | Path | None, download_weights: bool) -> FeatureSet:
+    from diffusion.digit_judge import DigitFeatures
+
+    return DigitFeatures()
+
+
+FEATURE_SETS: dict[str, Callable[[str | Path | None, bool], FeatureSet]] = {
+    "inception": _inception,
+    "digits": _digits,
+}
 
 
 @dataclass
-class DigitClassifier:
-    """An SVM on scikit-learn's digits, with the indices it was not trained on and its accuracy there."""
+class Reference:
+    """What samples are compared with.
 
-    model: SVC
-    held_out: np.ndarray  # indices into load_digits() kept out of training
-    held_out_accuracy: float
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """
-        :param images: uint8 samples, as for ``digit_features``.
-        :return: an int [N] array of predicted digits.
-        """
-        return self.model.predict(digit_features(images))
-
-
-def train_digit_classifier(held_out_fraction: float = 0.25, seed: int = 0) -> DigitClassifier:
+    :param manifold: the reference images' [N x D] features that precision and recall use.
+    :param statistics: {"pool": ..., "spatial": ...} statistics (FID and sFID), precomputed or from the images.
+    :param source: where it came from, for messages.
     """
-    Fit an RBF SVM (C=10, gamma=0.001: about 99% accurate on these digits) on a stratified split of the 1,797
-    digits. Takes well under a second.
+
+    manifold: Tensor
+    statistics: dict[str, FeatureStatistics]
+    source: str
+
+
+class Evaluator:
     """
-    if not 0.0 < held_out_fraction < 1.0:
-        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
-    digits = load_digits()
-    train, held_out = train_test_split(
-        np.arange(len(digits.target)), test_size=held_out_fraction, stratify=digits.target, random_state=seed
-    )
-    model = SVC(C=10.0, gamma=0.001).fit(digits.data[train], digits.target[train])
-    accuracy = float(np.mean(model.predict(digits.data[held_out]) == digits.target[held_out]))
-    return DigitClassifier(model=model, held_out=np.sort(held_out), held_out_accuracy=accuracy)
+    FID, sFID, IS, precision and recall of uint8 images against a reference, with one feature set.
 
+    :param features: "inception" or "digits" (see the module docstring).
+    :param inception_weights: the Inception weights file; None looks in torch hub's cache.
+    :param reference: a reference batch file. None: the held-out real digits for "digits"; for "inception" only
+        :meth:`extract` works (enough on ranks that do not compute the metrics).
+    :param device: where features and distances are computed.
+    :param batch_size: images per feature-extraction batch.
+    :param distance_precision: "float16" (ADM) or "float32" distances for precision and recall.
+    :param nearest_k: the neighbourhood size of precision and recall (ADM: 3).
+    :param is_split_size: images per Inception Score split (ADM: 5000).
+    :param download_weights: fetch missing Inception weights into torch hub's cache.
+    :param progress: show a progress bar over feature batches (stderr).
+    """
 
-def _check_labels(labels: np.ndarray, count: int) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.shape != (count,):
-        raise ValueError(f"labels must have shape [{count}] (one per image), got {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= NUM_DIGITS:
-        raise ValueError(
-            f"labels must be integer digits 0..9, got dtype {labels.dtype} with values {labels[:10]}"
+    def __init__(
+        self,
+        *,
+        features: str = "inception",
+        inception_weights: str | Path | None = None,
+        reference: str | Path | None = None,
+        device: torch.device | str = "cpu",
+        batch_size: int = 64,
+        distance_precision: str = "float16",
+        nearest_k: int = 3,
+        is_split_size: int = 5000,
+        download_weights: bool = True,
+        progress: bool = False,
+    ) -> None:
+        if features not in FEATURE_SETS:
+            raise ValueError(f"features must be one of {sorted(FEATURE_SETS)}, got {features!r}")
+        if distance_precision not in DISTANCE_PRECISIONS:
+            raise ValueError(
+                f"distance_precision must be one of {DISTANCE_PRECISIONS}, got {distance_precision!r}"
+            )
+        if batch_size < 1 or nearest_k < 1 or is_split_size < 1:
+            raise ValueError(
+                f"batch_size, nearest_k and is_split_size must be positive, got {batch_size}, {nearest_k}, "
+                f"{is_split_size}"
+            )
+        self.device = torch.device(device)
+        self.feature_set = FEATURE_SETS[features](inception_weights, download_weights).to(self.device)
+        self.reference_path = Path(reference) if reference is not None else None
+        self.batch_size = batch_size
+        self.distance_precision = distance_precision
+        self.nearest_k = nearest_k
+        self.is_split_size = is_split_size
+        self.progress = progress
+        self._reference: Reference | None = None
+        self._reference_file: BatchFile | None = None
+
+    @torch.no_grad()
+    def extract(self, images: np.ndarray | Tensor) -> dict[str, Tensor]:
+        """
+        Features of images, computed in batches of ``batch_size`` on the evaluator's device, in full fp32
+        (no autocast, no TF32) whatever the training around it uses.
+
+        :param images: uint8 [N x H x W x C] images (array or Tensor, any device), C = 1 or 3.
+        :return: {"pool": [N x D_pool], "spatial": [N x D_spatial], "logits": [N x K]} float32 Tensors on the
+            evaluator's device.
+        """
+        images = torch.as_tensor(images)
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(
+                f"images must be uint8 [N x H x W x C] with C = 1 or 3, got {images.dtype} {tuple(images.shape)}"
+            )
+        parts = []
+        with exact_fp32(), torch.autocast(self.device.type, enabled=False):
+            for chunk in images.split(self.batch_size):
+                parts.append(self.feature_set(chunk.to(self.device)))
+        if not parts:
+            return {k: torch.zeros(0, d, device=self.device) for k, d in self.feature_set.dims.items()}
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def extract_batches(
+        self, batches: Iterable[np.ndarray | Tensor], total: int | None = None
+    ) -> dict[str, Tensor]:
+        """:meth:`extract` over an iterable of image batches, concatenated; ``total`` sizes the progress bar."""
+        from tqdm.auto import tqdm
+
+        parts = []
+        with tqdm(total=total, unit="img", disable=not self.progress, file=sys.stderr, leave=False) as bar:
+            for batch in batches:
+                parts.append(self.extract(batch))
+                bar.update(len(batch))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _check_statistics(self, batch: BatchFile) -> None:
+        name = self.feature_set.name
+        if batch.feature_set is not None and batch.feature_set != name:
+            raise BatchFileError(
+                f"{batch.role} {batch.path} holds statistics of {batch.feature_set} features, not {name}: "
+                f"evaluate with --features {batch.feature_set} or write the reference batch again"
+            )
+        for kind, stats in (batch.statistics or {}).items():
+            if stats.dim != self.feature_set.dims[kind]:
+                raise BatchFileError(
+                    f"{batch.role} {batch.path} has {kind} statistics of {stats.dim} dims but {name} features "
+                    f"have {self.feature_set.dims[kind]}: they were made with other features; remove mu, sigma, "
+                    f"mu_s, sigma_s (they are then computed from arr_0) or use the matching --features"
+                )
+
+    def open_reference(self) -> BatchFile | None:
+        """The checked reference batch file (None for the built-in digits reference)."""
+        if self.reference_path is None:
+            return None
+        if self._reference_file is None:
+            batch = open_batch(self.reference_path, role="reference batch", min_images=self.nearest_k + 1)
+            self._check_statistics(batch)
+            self._reference_file = batch
+        return self._reference_file
+
+    def reference(self) -> Reference:
+        """The reference, computed on first use and kept (its features take as long as the samples')."""
+        if self._reference is None:
+            batch = self.open_reference()
+            if batch is None:
+                images = self.feature_set.default_reference()
+                if images is None:
+                    raise ValueError(
+                        f"{self.feature_set.name} features need a reference batch (e.g. OpenAI's "
+                        f"VIRTUAL_imagenet64_labeled.npz, or one written by write_reference_batch)"
+                    )
+                features, stats, source = (
+                    self.extract(images),
+                    None,
+                    f"the built-in {self.feature_set.name} reference",
+                )
+            else:
+                features = self.extract_batches(batch.batches(self.batch_size), total=len(batch))
+                stats, source = batch.statistics, str(batch.path)
+            if stats is None:
+                stats = {kind: feature_statistics(features[kind]) for kind in ("pool", "spatial")}
+            manifold = features[self.feature_set.precision_recall_on]
+            self._reference = Reference(manifold=manifold, statistics=stats, source=source)
+        return self._reference
+
+    def compute_metrics(self, features: Mapping[str, Tensor | np.ndarray]) -> dict[str, float]:
+        """
+        The five numbers for gathered sample features (the output of :meth:`extract`, all ranks concatenated).
+
+        :return: {"fid", "sfid", "is", "precision", "recall"} as floats.
+        """
+        reference = self.reference()
+        manifold = features[self.feature_set.precision_recall_on]
+        count = len(manifold)
+        if count < self.nearest_k + 1:
+            raise ValueError(
+                f"{count} samples: precision and recall need at least {self.nearest_k + 1} (each sample's "
+                f"{self.nearest_k} nearest neighbours); evaluate more samples"
+            )
+        stats = {kind: feature_statistics(features[kind]) for kind in ("pool", "spatial")}
+        precision, recall = precision_recall(
+            reference.manifold,
+            manifold,
+            k=self.nearest_k,
+            precision=self.distance_precision,
+            device=self.device,
         )
-    return labels
+        return {
+            # ADM's order: the samples' statistics first.
+            "fid": frechet_distance(stats["pool"], reference.statistics["pool"]),
+            "sfid": frechet_distance(stats["spatial"], reference.statistics["spatial"]),
+            "is": inception_score(features["logits"], split_size=self.is_split_size),
+            "precision": precision,
+            "recall": recall,
+        }
+
+    def evaluate_batch(self, sample: BatchFile) -> dict[str, float]:
+        """The metrics of a sample batch file (checked against the reference's image format first)."""
+        reference = self.open_reference()
+        if reference is not None:
+            check_same_format(reference, sample)
+        return self.compute_metrics(self.extract_batches(sample.batches(self.batch_size), total=len(sample)))
 
 
-def digit_accuracy(
-    images: np.ndarray, labels: np.ndarray, classifier: DigitClassifier | None = None
-) -> float:
-    """
-    Fraction of samples the classifier reads as the digit they were conditioned on.
-
-    :param images: a uint8 [N x H x W x C] or [N x H x W] array of samples.
-    :param labels: an int [N] array of conditioning labels.
-    :param classifier: reuse a trained classifier; a new one is trained when None.
-    """
-    labels = _check_labels(labels, len(np.asarray(images)))
-    classifier = classifier or train_digit_classifier()
-    return float(np.mean(classifier.predict(images) == labels))
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    """The five lines OpenAI's evaluator prints (``FID: 12.3...``), Python's float repr for each value."""
+    return "\n".join(f"{label}: {float(metrics[key])!r}" for label, key in PRINTED)
 
 
-def per_class_accuracy(predictions: np.ndarray, labels: np.ndarray) -> dict[int, float]:
-    """Accuracy among the samples conditioned on each digit; digits with no samples are left out."""
-    return {
-        int(d): float(np.mean(predictions[labels == d] == d))
-        for d in range(NUM_DIGITS)
-        if np.any(labels == d)
-    }
-
-
-def evaluate_samples(path: str, classifier: DigitClassifier | None = None) -> dict:
-    """
-    Evaluate a samples.npz file. Without ``arr_1`` (an unconditional model) only the predicted-class
-    histogram is reported.
-
-    :return: a JSON-ready dict: path, num_samples, classifier_held_out_accuracy, predicted_counts and, with
-        labels, accuracy and per_class_accuracy.
-    """
-    with np.load(path) as npz:
-        if "arr_0" not in npz:
-            raise ValueError(f"{path} has no arr_0 (the uint8 [N x H x W x C] samples); it holds {npz.files}")
-        images = npz["arr_0"]
-        labels = npz["arr_1"] if "arr_1" in npz else None
-    classifier = classifier or train_digit_classifier()
-    predictions = classifier.predict(images)
-    report = {
-        "path": str(path),
-        "num_samples": len(predictions),
-        "classifier_held_out_accuracy": classifier.held_out_accuracy,
-        "predicted_counts": np.bincount(predictions, minlength=NUM_DIGITS).tolist(),
-    }
-    if labels is not None:
-        labels = _check_labels(labels, len(predictions))
-        report["accuracy"] = float(np.mean(predictions == labels))
-        report["per_class_accuracy"] = per_class_accuracy(predictions, labels)
-        report["per_class_count"] = np.bincount(labels, minlength=NUM_DIGITS).tolist()
-    return report
-
-
-def format_report(report: dict) -> str:
-    """The report as the few lines a person reads after sampling."""
-    lines = [
-        f"samples: {report['num_samples']} from {report['path']}",
-        f"digit classifier (SVM on scikit-learn digits): held-out accuracy "
-        f"{report['classifier_held_out_accuracy']:.4f}",
-    ]
-    if "accuracy" in report:
-        lines.append(f"accuracy vs conditioning labels: {report['accuracy']:.4f}")
-        lines.append("per-class accuracy:")
-        for digit, accuracy in report["per_class_accuracy"].items():
-            lines.append(f"  {digit}: {accuracy:.3f}  ({report['per_class_count'][digit]} samples)")
-    else:
-        lines.append("no arr_1 labels (unconditional samples): accuracy needs labels")
-    lines.append(
-        "predicted digit counts: " + " ".join(f"{d}:{c}" for d, c in enumerate(report["predicted_counts"]))
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffusion.evaluate",
+        usage="%(prog)s [--features {inception,digits}] [REF_BATCH] SAMPLE_BATCH [options]",
+        description=__doc__.splitlines()[0],
     )
-    return "\n".join(lines)
+    parser.add_argument(
+        "batches",
+        nargs="+",
+        metavar="REF_BATCH SAMPLE_BATCH",
+        help="the reference batch and the sample batch (.npz, arr_0 uint8 NHWC); with --features digits the "
+        "reference may be left out (the real digits)",
+    )
+    parser.add_argument("--features", choices=sorted(FEATURE_SETS), default="inception")
+    parser.add_argument(
+        "--inception-weights", metavar="PATH", help="weights-inception-2015-12-05-6726825d.pth"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per feature batch")
+    parser.add_argument(
+        "--distance-precision",
+        choices=DISTANCE_PRECISIONS,
+        default="float16",
+        help="precision/recall distances: float16 as ADM, or float32",
+    )
+    parser.add_argument("--no-download", action="store_true", help="never download the Inception weights")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    return parser
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The command line's work; returns the JSON-ready results."""
+    if len(args.batches) > 2:
+        raise ValueError(f"give a reference batch and a sample batch, got {len(args.batches)} files")
+    *ref, sample_path = args.batches
+    if not ref and args.features != "digits":
+        raise ValueError(
+            "give the reference batch first: python -m diffusion.evaluate REF_BATCH.npz SAMPLE_BATCH.npz "
+            "(or --features digits to compare with the real digits)"
+        )
+    evaluator = Evaluator(
+        features=args.features,
+        inception_weights=args.inception_weights,
+        reference=ref[0] if ref else None,
+        device=args.device,
+        batch_size=args.batch_size,
+        distance_precision=args.distance_precision,
+        download_weights=not args.no_download,
+        progress=sys.stderr.isatty(),
+    )
+    reference = evaluator.open_reference()  # check both files before the slow part
+    sample = open_batch(sample_path, role="sample batch", min_images=evaluator.nearest_k + 1)
+    if reference is not None:
+        check_same_format(reference, sample)
+    dims = evaluator.feature_set.dims
+    if len(sample) <= max(dims["pool"], dims["spatial"]):
+        _note(
+            f"note: {len(sample)} samples for {dims['pool']}-d features: the covariance is singular and FID is "
+            f"biased upwards; published numbers use 50,000 samples"
+        )
+    start = time.perf_counter()
+    _note(f"computing reference batch features ({evaluator.feature_set.name})...")
+    evaluator.reference()
+    _note(f"computing sample batch features ({len(sample)} images)...")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        metrics = evaluator.evaluate_batch(sample)
+    for warning in caught:
+        _note(f"note: {warning.message}")
+    _note(f"done in {time.perf_counter() - start:.1f} s")
+    results = {
+        "features": evaluator.feature_set.name,
+        "reference": evaluator.reference().source,
+        "sample": str(sample.path),
+        "num_samples": len(sample),
+        "distance_precision": evaluator.distance_precision,
+        **metrics,
+    }
+    if args.features == "digits":
+        from diffusion.digit_judge import judge_samples
+
+        judge = evaluator.feature_set.classifier
+        results["digit_judge"] = judge_samples(sample.images(), sample.labels(), judge, path=str(sample.path))
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffusion.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("samples", help="a samples.npz written by sample.py (arr_0 images, arr_1 labels)")
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
-        report = evaluate_samples(args.samples)
-    except (OSError, ValueError) as error:
-        parser.error(str(error))  # exits 2 with the usage line
-    print(json.dumps(report) if args.json else format_report(report))
+        results = run(args)
+    except (ValueError, OSError) as error:  # bad input: one line, no traceback
+        print(f"python -m diffusion.evaluate: error: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    if "digit_judge" in results:
+        from diffusion.digit_judge import format_report
+
+        print(format_report(results["digit_judge"]))
+        print(
+            "metrics on the digit judge's features (FID: its 45 decision values; sFID, precision, recall: the 8x8 "
+            "pixels; IS: its class probabilities), against " + results["reference"]
+        )
+    print(format_metrics(results))
     return 0
 
 
