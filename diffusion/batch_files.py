@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from diffusion.errors import UserError
 from diffusion.metrics import FeatureStatistics, feature_statistics
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ STATISTICS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}
 MIN_IMAGES = 4
 
 
-class BatchFileError(ValueError):
+class BatchFileError(UserError):
     """A batch file that cannot be evaluated as it is; the message names the file and what to change."""
 
 
@@ -114,6 +115,8 @@ def open_batch(path: str | Path, role: str = "sample batch", min_images: int = M
     """
     path = Path(path)
     where = f"{role} {path}"
+    if not path.is_file():
+        raise BatchFileError(f"{where}: No such file; check the path")
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile:

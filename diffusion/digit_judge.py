@@ -35,6 +35,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
 
+from diffusion.errors import ConfigError
+
 NUM_DIGITS = 10
 
 
@@ -47,13 +49,13 @@ def digit_features(images: np.ndarray) -> np.ndarray:
     """
     images = np.asarray(images)
     if images.dtype != np.uint8:
-        raise ValueError(
+        raise ConfigError(
             f"images must be uint8 (0..255) as samples.npz stores them, got dtype {images.dtype}"
         )
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) == 0:
-        raise ValueError(
+        raise ConfigError(
             f"images must be a non-empty [N x H x W x C] array with C = 1 or 3 (or [N x H x W]), got shape "
             f"{images.shape}"
         )
@@ -144,7 +146,7 @@ class DigitFeatures:
             device.
         """
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(
+            raise ConfigError(
                 f"images must be a uint8 [N x H x W x C] Tensor, got {images.dtype} {images.shape}"
             )
         pixels = digit_features(images.cpu().numpy())
@@ -161,9 +163,9 @@ class DigitFeatures:
 def _check_labels(labels: np.ndarray, count: int) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.shape != (count,):
-        raise ValueError(f"labels must have shape [{count}] (one per image), got {labels.shape}")
+        raise ConfigError(f"labels must have shape [{count}] (one per image), got {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= NUM_DIGITS:
-        raise ValueError(
+        raise ConfigError(
             f"labels must be integer digits 0..9, got dtype {labels.dtype} with values {labels[:10]}"
         )
     return labels
@@ -199,7 +201,9 @@ def evaluate_samples(path: str, classifier: DigitClassifier | None = None) -> di
     """
     with np.load(path) as npz:
         if "arr_0" not in npz:
-            raise ValueError(f"{path} has no arr_0 (the uint8 [N x H x W x C] samples); it holds {npz.files}")
+            raise ConfigError(
+                f"{path} has no arr_0 (the uint8 [N x H x W x C] samples); it holds {npz.files}"
+            )
         images = npz["arr_0"]
         labels = npz["arr_1"] if "arr_1" in npz else None
     return judge_samples(images, labels, classifier, path=path)

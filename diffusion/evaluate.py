@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from diffusion.batch_files import BatchFile, BatchFileError, check_same_format, open_batch
+from diffusion.errors import ConfigError, UserError
 from diffusion.metrics import (
     DISTANCE_PRECISIONS,
     FeatureStatistics,
@@ -143,13 +144,13 @@ class Evaluator:
         progress: bool = False,
     ) -> None:
         if features not in FEATURE_SETS:
-            raise ValueError(f"features must be one of {sorted(FEATURE_SETS)}, got {features!r}")
+            raise ConfigError(f"features must be one of {sorted(FEATURE_SETS)}, got {features!r}")
         if distance_precision not in DISTANCE_PRECISIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"distance_precision must be one of {DISTANCE_PRECISIONS}, got {distance_precision!r}"
             )
         if batch_size < 1 or nearest_k < 1 or is_split_size < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size, nearest_k and is_split_size must be positive, got {batch_size}, {nearest_k}, "
                 f"{is_split_size}"
             )
@@ -176,7 +177,7 @@ class Evaluator:
         """
         images = torch.as_tensor(images)
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise ValueError(
+            raise ConfigError(
                 f"images must be uint8 [N x H x W x C] with C = 1 or 3, got {images.dtype} {tuple(images.shape)}"
             )
         parts = []
@@ -232,7 +233,7 @@ class Evaluator:
             if batch is None:
                 images = self.feature_set.default_reference()
                 if images is None:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{self.feature_set.name} features need a reference batch (e.g. OpenAI's "
                         f"VIRTUAL_imagenet64_labeled.npz, or one written by write_reference_batch)"
                     )
@@ -260,7 +261,7 @@ class Evaluator:
         manifold = features[self.feature_set.precision_recall_on]
         count = len(manifold)
         if count < self.nearest_k + 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{count} samples: precision and recall need at least {self.nearest_k + 1} (each sample's "
                 f"{self.nearest_k} nearest neighbours); evaluate more samples"
             )
@@ -331,10 +332,10 @@ def _note(message: str) -> None:
 def run(args: argparse.Namespace) -> dict:
     """The command line's work; returns the JSON-ready results."""
     if len(args.batches) > 2:
-        raise ValueError(f"give a reference batch and a sample batch, got {len(args.batches)} files")
+        raise ConfigError(f"give a reference batch and a sample batch, got {len(args.batches)} files")
     *ref, sample_path = args.batches
     if not ref and args.features != "digits":
-        raise ValueError(
+        raise ConfigError(
             "give the reference batch first: python -m diffusion.evaluate REF_BATCH.npz SAMPLE_BATCH.npz "
             "(or --features digits to compare with the real digits)"
         )
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         results = run(args)
-    except (ValueError, OSError) as error:  # bad input: one line, no traceback
+    except UserError as error:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"python -m diffusion.evaluate: error: {error}", file=sys.stderr)
         return 1
     if args.json:

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from diffusion.errors import UserError
+
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILENAME}"
 PYTORCH_FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -34,7 +36,7 @@ SPATIAL_DIM = SPATIAL_SHAPE[0] * SPATIAL_SHAPE[1] * SPATIAL_SHAPE[2]
 _SIGNATURE = {"fc.weight": (NUM_CLASSES, POOL_DIM), "Mixed_6d.branch1x1.conv.weight": (192, 768, 1, 1)}
 
 
-class InceptionWeightsError(ValueError):
+class InceptionWeightsError(UserError):
     """The Inception weights file is missing or is not the FID Inception's state dict."""
 
 

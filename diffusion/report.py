@@ -29,6 +29,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from diffusion.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 QUARTILE = re.compile(r"^(?P<term>.+)_q(?P<q>[0-3])$")
 TRAINING_KEYS = (
@@ -47,7 +49,7 @@ EVAL_KEYS = (
 Series = dict[str, tuple[np.ndarray, np.ndarray]]  # key -> (steps, values), ascending steps
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """The run directory has nothing to plot; the message says why."""
 
 
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         written = write_report(args.run_dir)
-    except (ReportError, OSError) as error:
+    except UserError as error:
         print(f"python -m diffusion.report: error: {error}", file=sys.stderr)
         return 1
     for path in written:
