@@ -167,12 +167,12 @@ class SuperResTask(DiffusionTask):
 
     def build_model(self, model_cfg: DictConfig, data) -> tuple[nn.Module, dict]:
         """The SuperResModel for the data (see DiffusionTask.build_model); it must name its ``small_size``."""
-        if model_cfg.get("small_size") is None:
+        model, config = super().build_model(model_cfg, data)
+        if config.get("small_size") is None:
             raise ConfigError(
                 "task=super_res needs model.small_size: the low resolution the model upsamples from "
-                f"(e.g. {model_cfg.image_size // 4})"
+                f"(e.g. {config['image_size'] // 4})"
             )
-        model, config = super().build_model(model_cfg, data)
         self.small_size = config["small_size"]
         self.grid_data = held_out_data(data) or data
         return model, config
@@ -187,8 +187,8 @@ class SuperResTask(DiffusionTask):
         return self.diffusion.training_losses(net, x, t, model_kwargs=kwargs, noise=noise)
 
     def sample_grid(self, model: nn.Module, n: int, seed: int, hw) -> Tensor | None:
-        """The first ``n`` held-out images' low-resolution copies (nearest-upsampled, first ``n`` tiles), then
-        what the model makes of them (the next ``n``): 2n images."""
+        """The first ``n`` held-out images' low-resolution copies (nearest-upsampled), each followed by what the
+        model makes of it: 2n images, pairs side by side."""
         if self.solver is None:
             return None
         n = min(n, len(self.grid_data))
@@ -199,7 +199,8 @@ class SuperResTask(DiffusionTask):
             model, self.diffusion, self.solver, range(n), seed, hw.device, classes,
             autocast=hw.autocast(), model_kwargs={"low_res": low},
         )  # fmt: skip
-        return torch.cat([F.interpolate(low, size=x.shape[-2:], mode="nearest"), samples])
+        inputs = F.interpolate(low, size=x.shape[-2:], mode="nearest")
+        return torch.stack([inputs, samples], dim=1).flatten(0, 1)  # (2n, C, H, W): input, output, input...
 
 
 class ClassifierTask(Task):
