@@ -284,15 +284,16 @@ class ClassifierTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int, run: RunContext) -> dict[str, float]:
-        """ "val/loss", "val/acc@1", "val/acc@5" and each one's "_q0".."_q3", over the held-out images; every rank
-        classifies its share (images r, r + W, ...) and the means are reduced over all of them."""
+        """The held-out metrics: val/loss, val/acc@1, val/acc@5 and each one's _q0.._q3. Every rank classifies
+        its share of the images (r, r + W, ...) and the means are reduced over all of them."""
         if self.val_data is None:
             return {}
         device = run.hw.device
         tracker = LossTracker(self.num_timesteps, device, prefix="val/")
         count = min(len(self.val_data), self.val_images or len(self.val_data))
         mine = list(range(run.env.rank, count, run.env.world_size))
-        T, K = self.diffusion.num_timesteps, self.val_timesteps
+        T = self.diffusion.num_timesteps
+        K = min(self.val_timesteps, T)  # a slice holds at least one timestep
         for b in range(0, len(mine), self.val_batch_size):
             indices = mine[b : b + self.val_batch_size]
             x, y = _stack([self.val_data[i] for i in indices])
