@@ -180,6 +180,12 @@ class SampleConfig(CheckpointJobConfig):
     classes: list[int] | None = None  # default: spread evenly over all classes
     guidance_scale: float = 1.0
     grid_max: int = 100  # at most this many images in grid.png
+    # Classifier guidance: a task=classifier run's checkpoint, or a plain state dict (OpenAI's
+    # 64x64_classifier.pt...) with classifier_model naming its conf/model preset (classifier_64...)
+    classifier: str | None = None
+    classifier_model: str | None = None
+    classifier_scale: float = 1.0  # s in s * grad log p(y | x_t)
+    base_samples: str | None = None  # a samples.npz (arr_0, arr_1) a super-resolution checkpoint upsamples
 
 
 @dataclass
@@ -214,6 +220,8 @@ def component_schemas() -> dict[str, type]:
     follow_model = {"image_size": "${model.image_size}"}
     return {
         "schema_unet": schema(unet.UNetModel),
+        "schema_classifier": schema(unet.EncoderUNetModel),
+        "schema_upsampler": schema(unet.SuperResModel),
         "schema_diffusion": schema(GaussianDiffusion),
         "schema_digits": schema(data.Digits, defaults=follow_model, base=LoaderConfig),
         "schema_image_folder": schema(
@@ -232,6 +240,8 @@ def component_schemas() -> dict[str, type]:
         "schema_ddpm": schema(solvers.DDPM),
         "schema_dpm_solver": schema(solvers.DPMSolverPP),
         "schema_diffusion_task": schema(tasks.DiffusionTask, runtime=("diffusion", "sampler", "solver")),
+        "schema_classifier_task": schema(tasks.ClassifierTask, runtime=("diffusion", "sampler", "solver")),
+        "schema_super_res_task": schema(tasks.SuperResTask, runtime=("diffusion", "sampler", "solver")),
     }
 
 

@@ -2,7 +2,8 @@
 loader that feeds one rank an endless, resumable stream of batches.
 
 Every dataset is built from Hydra config by ``_target_`` and has the attributes ``num_classes`` (0 when
-unlabeled), ``class_names``, ``image_size`` and ``channels``. An item is ``(x, y)``: ``x`` a float32
+unlabeled), ``class_names``, ``image_size`` and ``channels``, and ``held_out()``: the data a run validates on
+(the digits' "val" split, an image folder's ``val_dir``, CIFAR-10's test set), or None. An item is ``(x, y)``: ``x`` a float32
 [C x H x W] Tensor in [-1, 1], ``y`` an int64 scalar Tensor (0 when unlabeled).
 
 Datasets also expose ``load(index, rng)``, which takes the random generator used for augmentation. The
@@ -78,6 +79,31 @@ def _label(y: int) -> torch.Tensor:
 # Digits
 
 
+DIGITS_SPLITS = ("all", "train", "val")
+
+
+def digits_split(split: str) -> np.ndarray:
+    """
+    Indices into scikit-learn's 1,797 digits for a split of :class:`Digits`.
+
+    "val" is a fixed, stratified quarter (450 digits, 44 to 46 of each class) and "train" the other 1,347; "all" is
+    every digit. The quarter is the one the project's digit judge (``diffusion.evaluate``) holds out, so a
+    model trained on "train" can be judged on digits neither it nor the judge has seen.
+
+    :return: a sorted int64 array of indices.
+    """
+    _check_choice("split", split, DIGITS_SPLITS)
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    targets = load_digits().target
+    everything = np.arange(len(targets))
+    if split == "all":
+        return everything
+    train, val = train_test_split(everything, test_size=0.25, stratify=targets, random_state=0)
+    return np.sort(train if split == "train" else val)
+
+
 class Digits(Dataset):
     """
     scikit-learn's handwritten digits: 1,797 real 8x8 grayscale images (values 0..16) in 10 classes.
@@ -87,22 +113,32 @@ class Digits(Dataset):
 
     :param image_size: side of the square output; upsampled bilinearly (antialiased when shrinking).
     :param channels: 1 for grayscale, 3 to repeat the gray value into RGB.
+    :param split: "all" (every digit), "train" or "val" (a fixed held-out quarter; see :func:`digits_split`).
+        A "train" set's :meth:`held_out` is the "val" set, which a classifier run validates on.
     """
 
-    def __init__(self, image_size: int = 8, channels: int = 1) -> None:
+    def __init__(self, image_size: int = 8, channels: int = 1, split: str = "all") -> None:
         _check_image_size(image_size)
         _check_channels(channels)
         from sklearn.datasets import load_digits
 
+        self.indices = digits_split(split)
         digits = load_digits()
-        x = torch.from_numpy(digits.images.astype(np.float32))[:, None]  # (N, 1, 8, 8), values 0..16
+        x = torch.from_numpy(digits.images[self.indices].astype(np.float32))[:, None]  # (N, 1, 8, 8), 0..16
         x = _resize(x / 8.0 - 1.0, image_size).clamp(-1.0, 1.0)
         self.images = x.expand(-1, channels, -1, -1).contiguous()  # (N, C, S, S)
-        self.targets = torch.from_numpy(digits.target.astype(np.int64))
+        self.targets = torch.from_numpy(digits.target[self.indices].astype(np.int64))
         self.class_names = [str(d) for d in range(10)]
         self.num_classes = 10
         self.image_size = image_size
         self.channels = channels
+        self.split = split
+
+    def held_out(self) -> Digits | None:
+        """The held-out digits of a "train" set (the "val" split, same size and channels); None otherwise."""
+        if self.split != "train":
+            return None
+        return Digits(self.image_size, self.channels, split="val")
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -332,6 +368,8 @@ class ImageFolder(Dataset):
     :param random_flip: mirror left-right with probability 1/2.
     :param on_error: "skip" or "raise" for unreadable files.
     :param cache_dir: where to store the scan, e.g. the run directory; None to rescan every time.
+    :param val_dir: a folder of held-out images in the same layout (the reference's ``val_data_dir``), read by
+        :meth:`held_out` with center crops and no flips; None: no held-out data.
     """
 
     def __init__(
@@ -344,6 +382,7 @@ class ImageFolder(Dataset):
         random_flip: bool = True,
         on_error: str = "skip",
         cache_dir: str | None = None,
+        val_dir: str | None = None,
     ) -> None:
         _check_image_size(image_size)
         _check_channels(channels)
@@ -355,8 +394,42 @@ class ImageFolder(Dataset):
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.on_error = on_error
+        self.cache_dir = cache_dir
+        self.val_dir = val_dir
         scan = self._scan(labels, cache_dir)
         self._apply_scan(scan, labels)
+
+    def held_out(self) -> ImageFolder | None:
+        """The images of ``val_dir`` (center-cropped, not flipped), labelled with this set's class indices;
+        None without a ``val_dir``.
+
+        :raises ConfigError: when ``val_dir`` holds a class this set does not have.
+        """
+        if not self.val_dir:
+            return None
+        val = ImageFolder(
+            self.val_dir,
+            self.image_size,
+            self.channels,
+            labels=self.label_mode,  # read as the training folder was, whatever its own layout suggests
+            random_crop=False,
+            random_flip=False,
+            on_error=self.on_error,
+            cache_dir=self.cache_dir,
+        )
+        if val.class_names == self.class_names:
+            return val
+        unknown = [c for c in val.class_names if c not in self.class_names]
+        if unknown:
+            raise ConfigError(
+                f"data.val_dir={self.val_dir} has {len(unknown)} classes that data.dir does not "
+                f"({', '.join(unknown[:5])}): the held-out images must use the training classes' names"
+            )
+        # A held-out folder with fewer classes: index its labels by the training classes' names.
+        index_of = {name: i for i, name in enumerate(self.class_names)}
+        val.labels = [index_of[val.class_names[label]] for label in val.labels]
+        val.class_names, val.num_classes = list(self.class_names), self.num_classes
+        return val
 
     def _scan(self, labels: str, cache_dir: str | None) -> dict:
         if not os.path.isdir(self.root):
@@ -500,9 +573,17 @@ class CIFAR10(Dataset):
         self.targets = torch.tensor(batches.targets, dtype=torch.int64)
         self.class_names = list(batches.classes)
         self.num_classes = len(self.class_names)
+        self.root = root
+        self.train = train
         self.image_size = image_size
         self.channels = channels
         self.random_flip = random_flip
+
+    def held_out(self) -> CIFAR10 | None:
+        """The 10,000 test images (not flipped) for a training set; None for the test set itself."""
+        if not self.train:
+            return None
+        return CIFAR10(self.root, self.image_size, self.channels, train=False, random_flip=False)
 
     def __len__(self) -> int:
         return len(self.targets)

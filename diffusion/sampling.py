@@ -1,7 +1,9 @@
 """Sampling from a checkpoint: the work behind ``sample.py``.
 
 A project checkpoint carries its model and diffusion config, so it needs no flags. A plain state dict (OpenAI's
-released ``.pt`` files) needs ``model=<preset> diffusion=<preset>``. Under torchrun the ranks split the images
+released ``.pt`` files) needs ``model=<preset> diffusion=<preset>``. ``classifier=`` adds classifier guidance (a
+``task=classifier`` checkpoint, or a plain file with ``classifier_model=<preset>``); a super-resolution checkpoint
+upsamples the images of ``base_samples=BASE.npz``. Under torchrun the ranks split the images
 (rank r makes images r, r + W, r + 2W, ...) and rank 0 writes one ``samples.npz`` in index order and
 ``grid.png``. Every request is checked before the first image is generated.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -24,8 +26,10 @@ from diffusion import checkpoint as ckpt
 from diffusion.config import build
 from diffusion.distributed import DistEnv, barrier, cleanup_distributed, init_distributed
 from diffusion.errors import UserError
+from diffusion.guidance import classifier_cond_fn
 from diffusion.images import save_grid, to_uint8
 from diffusion.solvers import check_guidance, generate
+from diffusion.unet import EncoderUNetModel, SuperResModel
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +101,25 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, object, dict]:
         checkpoint ``step`` and the ``channels_last`` its run set explicitly (both None for a plain state dict).
     """
     model_cfg, diffusion_cfg, weights, info = _read_checkpoint(cfg)
+    if is_classifier(model_cfg):
+        plain = info["step"] is None  # OpenAI's classifier files are plain state dicts
+        raise SamplingError(
+            f"checkpoint={cfg.checkpoint} is a noisy-image classifier, not a diffusion model: give it as "
+            f"classifier={cfg.checkpoint}{' classifier_model=<its preset>' if plain else ''} and a diffusion "
+            "model as checkpoint="
+        )
     with torch.device("meta"):
         model = build(model_cfg)
     problem = ckpt.describe_mismatch(model, weights)
     if problem:
         presets = matching_presets(weights)
+        classifiers = [p for p in presets if is_classifier(_compose_model(p))]
+        if classifiers:
+            raise SamplingError(
+                f"checkpoint={cfg.checkpoint} is a noisy-image classifier (it matches model={classifiers[0]}): give "
+                f"it as classifier={cfg.checkpoint} classifier_model={classifiers[0]}, and a diffusion model as "
+                "checkpoint="
+            )
         hint = (
             f"The file matches model={' / model='.join(presets)}."
             if presets
@@ -122,20 +140,27 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, object, dict]:
     return model.eval(), diffusion, info
 
 
-def class_labels(cfg: DictConfig, model: torch.nn.Module) -> torch.Tensor | None:
+def class_labels(
+    cfg: DictConfig, model: torch.nn.Module, classifier: torch.nn.Module | None = None
+) -> torch.Tensor | None:
     """The class of every requested image, a LongTensor [num_samples]: ``classes`` cycled, or all classes in
-    turn; None for an unconditional model. Also checks that ``guidance_scale`` suits the model."""
+    turn; None for an unconditional model without a classifier (with one, the classes are the classifier's).
+    Also checks that ``guidance_scale`` suits the model."""
     check_guidance(model, cfg.guidance_scale)
-    if not model.num_classes:
+    num_classes, whose = model.num_classes, "the model's"
+    if not num_classes and classifier is not None:
+        num_classes, whose = classifier.num_classes, "the classifier's"
+    if not num_classes:
         if cfg.classes:
             raise SamplingError(
-                f"classes={list(cfg.classes)} given, but the model is unconditional: drop classes"
+                f"classes={list(cfg.classes)} given, but the model is unconditional: drop classes, or steer it "
+                "with classifier=PATH"
             )
         return None
-    base = list(cfg.classes) if cfg.classes else list(range(model.num_classes))
-    bad = [c for c in base if not 0 <= c < model.num_classes]
+    base = list(cfg.classes) if cfg.classes else list(range(num_classes))
+    bad = [c for c in base if not 0 <= c < num_classes]
     if bad:
-        raise SamplingError(f"classes {bad} are outside the model's range 0..{model.num_classes - 1}")
+        raise SamplingError(f"classes {bad} are outside {whose} range 0..{num_classes - 1}")
     return torch.tensor(base).repeat(cfg.num_samples // len(base) + 1)[: cfg.num_samples]
 
 
@@ -191,15 +216,21 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
     check_request(cfg)
     model, diffusion, info = load_model(cfg)
     hw = sampling_hardware(cfg.hardware, info["channels_last"], env.local_rank)
-    labels = class_labels(cfg, model)
+    classifier = load_classifier(cfg, model)
+    base = read_base_samples(cfg, model)
+    labels = class_labels(cfg, model, classifier) if base is None else base[1]
     solver = build(cfg.solver)
     solver.check(diffusion)
     model = hw.prepare_model(model)
+    if classifier is not None:
+        classifier = hw.prepare_model(classifier)
+        log.info("classifier guidance: %s, scale %g", cfg.classifier, cfg.classifier_scale)
     log.info("%s on %s; %d rank(s); %s", solver, hw, env.world_size, cfg.checkpoint)
 
     start = time.perf_counter()
     mine = list(range(env.rank, cfg.num_samples, env.world_size))
-    shard = _generate_shard(cfg, model, diffusion, solver, labels, mine, hw, env)
+    low_res = None if base is None else base[0]
+    shard = _generate_shard(cfg, model, diffusion, solver, labels, mine, hw, env, classifier, low_res)
     run_dir.mkdir(parents=True, exist_ok=True)
     np.save(run_dir / f".shard_{env.rank}.npy", shard)
     barrier()
@@ -221,16 +252,24 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
     return out
 
 
-def _generate_shard(cfg, model, diffusion, solver, labels, mine, hw, env) -> np.ndarray:
-    """This rank's images, uint8 [len(mine) x H x W x C], in batches of ``cfg.batch_size``."""
+def _generate_shard(
+    cfg, model, diffusion, solver, labels, mine, hw, env, classifier=None, low_res=None
+) -> np.ndarray:
+    """This rank's images, uint8 [len(mine) x H x W x C], in batches of ``cfg.batch_size``; ``classifier``
+    guides towards ``labels``, ``low_res`` ([num_samples x C x h x w]) is a super-resolution model's input."""
     images = [np.zeros((0, model.image_size, model.image_size, model.in_channels), np.uint8)]
     bar = tqdm(total=len(mine), desc="sampling", unit="img", disable=not env.is_main)
     for b in range(0, len(mine), cfg.batch_size):
         idx = mine[b : b + cfg.batch_size]
         y = labels[idx] if labels is not None else None
+        cond_fn = None
+        if classifier is not None:
+            cond_fn = classifier_cond_fn(classifier, y.to(hw.device), cfg.classifier_scale)
         x = generate(
-            model, diffusion, solver, idx, cfg.seed, hw.device, y, cfg.guidance_scale, autocast=hw.autocast()
-        )
+            model, diffusion, solver, idx, cfg.seed, hw.device, y if model.num_classes else None,
+            cfg.guidance_scale, autocast=hw.autocast(), cond_fn=cond_fn,
+            model_kwargs=None if low_res is None else {"low_res": low_res[idx].to(hw.device)},
+        )  # fmt: skip
         images.append(to_uint8(x))
         bar.update(len(idx))
     bar.close()
@@ -252,3 +291,178 @@ def _write_samples(run_dir: Path, out: Path, cfg: DictConfig, labels, world_size
     save_grid(arr[: cfg.grid_max], run_dir / "grid.png")
     for r in range(world_size):
         (run_dir / f".shard_{r}.npy").unlink()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Classifier guidance and super-resolution inputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def is_classifier(model_cfg: DictConfig) -> bool:
+    """Whether a model config builds a noisy-image classifier (EncoderUNetModel) rather than a diffusion model."""
+    return issubclass(get_class(model_cfg["_target_"]), EncoderUNetModel)
+
+
+def _classifier_preset(name: str) -> DictConfig:
+    """The ``conf/model`` preset ``name`` of a plain classifier file; SamplingError unless it is a classifier's."""
+    classifiers = [p.stem for p in sorted((CONF_DIR / "model").glob("classifier_*.yaml"))]
+    if not (CONF_DIR / "model" / f"{name}.yaml").exists():
+        raise SamplingError(
+            f"classifier_model={name}: no such preset in conf/model; use one of {classifiers}"
+        )
+    preset = _compose_model(name)
+    if not is_classifier(preset):
+        raise SamplingError(
+            f"classifier_model={name} is not a classifier preset ({preset._target_}): use one of {classifiers}"
+        )
+    return preset
+
+
+def load_classifier(cfg: DictConfig, model: torch.nn.Module) -> torch.nn.Module | None:
+    """
+    The noisy-image classifier of ``cfg.classifier`` (its first EMA for a project checkpoint), in eval mode on
+    the CPU, checked against ``model``; None without ``cfg.classifier``.
+
+    :param cfg: ``sample.yaml``'s config: classifier, classifier_model, classifier_scale.
+    :param model: the diffusion model it will guide (its image size, channels and classes must fit).
+    :raises SamplingError: for every combination that cannot work, before any sampling.
+    """
+    if cfg.classifier is None:
+        if cfg.classifier_model is not None:
+            raise SamplingError(
+                f"classifier_model={cfg.classifier_model} names the preset of a classifier file: add "
+                "classifier=PATH, or drop classifier_model"
+            )
+        if cfg.classifier_scale != 1.0:
+            raise SamplingError(
+                f"classifier_scale={cfg.classifier_scale} needs a classifier: add classifier=PATH (the "
+                "checkpoint of a task=classifier run, e.g. experiment=digits_classifier)"
+            )
+        return None
+    path = cfg.classifier
+    if isinstance(model, SuperResModel):
+        raise SamplingError(
+            f"classifier={path}: classifier guidance steers a base model, and checkpoint={cfg.checkpoint} is a "
+            "super-resolution model: drop classifier"
+        )
+    state = ckpt.load_file(path)
+    if "format_version" in state:
+        if cfg.classifier_model is not None:
+            raise SamplingError(
+                f"classifier={path} is a checkpoint of this project and carries its own model config: drop "
+                f"classifier_model={cfg.classifier_model}"
+            )
+        config = OmegaConf.create(state["model_config"])
+        if not is_classifier(config):
+            raise SamplingError(
+                f"classifier={path} is the checkpoint of a diffusion model ({config._target_}), not of a "
+                f"classifier: give it as checkpoint={path}, and a task=classifier run's checkpoint as classifier="
+            )
+        weights = ckpt.model_weights(state, use_ema=True)
+    else:
+        if cfg.classifier_model is None:
+            presets = matching_presets(state)
+            fits = f"; it matches model={' / model='.join(presets)}" if presets else ""
+            raise SamplingError(
+                f"classifier={path} is a plain state dict (such as OpenAI's 64x64_classifier.pt): name its preset, "
+                f"e.g. classifier_model=classifier_64{fits}"
+            )
+        config, weights = _classifier_preset(cfg.classifier_model), state
+    with torch.device("meta"):
+        classifier = build(config)
+    problem = ckpt.describe_mismatch(classifier, weights)
+    if problem:
+        presets = matching_presets(weights)
+        hint = (
+            f"The file matches model={' / model='.join(presets)}."
+            if presets
+            else "No model preset matches it."
+        )
+        raise SamplingError(f"classifier={path} does not fit its classifier model: {problem}. {hint}")
+    classifier.load_state_dict(weights, strict=True, assign=True)
+    classifier = classifier.float().eval().requires_grad_(False)
+
+    theirs = (classifier.in_channels, classifier.image_size, classifier.image_size)
+    ours = (model.in_channels, model.image_size, model.image_size)
+    if theirs != ours:
+        raise SamplingError(
+            f"classifier={path} classifies {'x'.join(map(str, theirs))} images but the model makes "
+            f"{'x'.join(map(str, ours))} ones (channels x height x width): use a classifier trained on the "
+            "model's image size and channels"
+        )
+    if model.num_classes and classifier.num_classes != model.num_classes:
+        raise SamplingError(
+            f"classifier={path} tells {classifier.num_classes} classes apart but the model is conditioned on "
+            f"{model.num_classes}: guidance needs a classifier of the model's classes"
+        )
+    return classifier
+
+
+def read_base_samples(
+    cfg: DictConfig, model: torch.nn.Module
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """
+    The low-resolution inputs of a super-resolution model: ``base_samples``' images and labels (``arr_0``,
+    ``arr_1`` of a samples.npz), cycled to ``num_samples`` as ``classes`` are; None for a base model.
+
+    :return: (low_res, labels): a float [num_samples x C x h x w] Tensor in [-1, 1] and a LongTensor
+        [num_samples] (None when the file has no labels and the model needs none).
+    :raises SamplingError: when the file does not suit the model, before any sampling.
+    """
+    upsampler = isinstance(model, SuperResModel)
+    if cfg.base_samples is None:
+        if upsampler:
+            raise SamplingError(
+                f"checkpoint={cfg.checkpoint} is a super-resolution model: give the low-resolution images to "
+                "upsample as base_samples=BASE.npz (the samples.npz of the base model's sample.py run)"
+            )
+        return None
+    path = Path(cfg.base_samples)
+    if not upsampler:
+        raise SamplingError(
+            f"base_samples={path} is the input of a super-resolution model, and checkpoint={cfg.checkpoint} is "
+            f"a {type(model).__name__}: drop base_samples, or sample an upsampler checkpoint (task=super_res)"
+        )
+    if cfg.classes:
+        raise SamplingError(
+            f"classes={list(cfg.classes)}: an upsampler takes each image's class from base_samples' arr_1; "
+            "drop classes"
+        )
+    check_guidance(model, cfg.guidance_scale)
+    try:
+        with np.load(path) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as e:
+        raise SamplingError(f"base_samples={path} is not a readable .npz file ({e})") from e
+    images = arrays.get("arr_0")
+    small = model.small_size
+    if images is None or images.dtype != np.uint8 or images.ndim != 4:
+        raise SamplingError(
+            f"base_samples={path} must hold arr_0, uint8 images [N x H x W x C] as sample.py writes them"
+        )
+    if small is not None and images.shape[1:3] != (small, small):
+        raise SamplingError(
+            f"base_samples={path} holds {images.shape[1]}x{images.shape[2]} images, but this upsampler "
+            f"upsamples from {small}x{small} (its small_size): sample the base model at {small}x{small}"
+        )
+    if images.shape[3] != model.in_channels:
+        raise SamplingError(
+            f"base_samples={path} holds {images.shape[3]}-channel images, the upsampler takes {model.in_channels}"
+        )
+    labels = arrays.get("arr_1")
+    if model.num_classes:
+        if labels is None:
+            raise SamplingError(
+                f"base_samples={path} has no labels (arr_1), and this upsampler is class-conditional: sample "
+                "the base model with classes"
+            )
+        bad = sorted({int(c) for c in labels if not 0 <= c < model.num_classes})
+        if bad:
+            raise SamplingError(
+                f"base_samples={path} has labels {bad[:5]} outside the upsampler's range 0..{model.num_classes - 1}"
+            )
+    if labels is not None and len(labels) != len(images):
+        raise SamplingError(f"base_samples={path} has {len(images)} images but {len(labels)} labels (arr_1)")
+    order = torch.arange(cfg.num_samples) % len(images)  # the base images in turn, as classes are cycled
+    low_res = torch.from_numpy(images).permute(0, 3, 1, 2)[order].float() / 127.5 - 1.0
+    return low_res, None if labels is None else torch.from_numpy(labels.astype(np.int64))[order]

@@ -2,13 +2,14 @@
 
 Every solver is a small class built from the ``solver`` config group and called with one signature::
 
-    solver(model, diffusion, x_T, model_kwargs=None, noise=None, progress=False, callback=None) -> x_0
+    solver(model, diffusion, x_T, model_kwargs=None, noise=None, progress=False, callback=None, cond_fn=None) -> x_0
 
 ``diffusion`` is the process the model was trained with (any number of steps). Each solver picks ``steps`` of its
 timesteps (DDPM and DDIM by guided-diffusion's respacing, DPM-Solver++ evenly in log-SNR); one loop, in the base
 class, runs the process respaced to them and calls the solver's ``step``, and the network always sees the
 original timestep indices. ``noise(k)`` returns the fresh Gaussian noise a stochastic solver needs at its k-th
-step; ``callback(k, x, pred_xstart)`` sees every step (k-diffusion's convention).
+step; ``callback(k, x, pred_xstart)`` sees every step (k-diffusion's convention). ``cond_fn(x, t)`` adds classifier
+guidance (diffusion/guidance.py): DDPM shifts its mean by it, DDIM and DPM-Solver++ correct the score.
 
 The network may predict epsilon, x0 or v (the process converts); learned-variance channels are used by the
 ancestral solver and ignored by the deterministic ones.
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from diffusion.errors import ConfigError
 from diffusion.gaussian_diffusion import GaussianDiffusion, space_timesteps
+from diffusion.guidance import CondFn, condition_xstart, guided_ddim_sample, guided_p_sample
 
 NoiseFn = Callable[[int], Tensor]
 
@@ -80,6 +82,7 @@ class Solver:
         noise: NoiseFn | None = None,
         progress: bool = False,
         callback: Callable[[int, Tensor, Tensor], None] | None = None,
+        cond_fn: CondFn | None = None,
     ) -> Tensor:
         """
         :param model: the network (or a guided wrapper of it), called with original timestep indices.
@@ -89,6 +92,8 @@ class Solver:
         :param noise: ``noise(k)`` gives the fresh noise of the k-th step (drawn with ``randn_like`` when None);
             called once per step, in order, by the stochastic solvers.
         :param callback: called after every step as ``callback(k, x, pred_xstart)``.
+        :param cond_fn: classifier guidance, ``cond_fn(x, t)`` -> the scaled gradient of log p(y | x_t) (see
+            diffusion/guidance.py), called with the timesteps the network sees; None: unguided.
         :return: an [N x C x H x W] Tensor of samples.
         """
         process = diffusion.respace_to(self.timesteps(diffusion))
@@ -97,7 +102,10 @@ class Solver:
         for k, i in enumerate(tqdm(indices, desc=type(self).__name__, leave=False, disable=not progress)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             draw = functools.partial(_draw, noise, k, x)
-            x, pred_xstart, carry = self.step(process, model, x, t, model_kwargs, draw, carry)
+            if cond_fn is None:  # a solver written before guidance need not take the argument
+                x, pred_xstart, carry = self.step(process, model, x, t, model_kwargs, draw, carry)
+            else:
+                x, pred_xstart, carry = self.step(process, model, x, t, model_kwargs, draw, carry, cond_fn)
             if callback is not None:
                 callback(k, x, pred_xstart)
         return x
@@ -111,6 +119,7 @@ class Solver:
         model_kwargs: dict | None,
         draw: Callable[[], Tensor],
         carry: object,
+        cond_fn: CondFn | None = None,
     ) -> tuple[Tensor, Tensor, object]:
         """
         One step from x_t to the next (less noisy) kept timestep.
@@ -119,6 +128,7 @@ class Solver:
         :param t: a LongTensor [N], the same respaced index for every image.
         :param draw: returns this step's fresh noise like x (call it at most once, and only when needed).
         :param carry: what this solver's previous step returned as its carry (None on the first step).
+        :param cond_fn: classifier guidance for this step (diffusion/guidance.py), or None.
         :return: (x at the next timestep, the step's x_0 prediction, the carry for the next step).
         """
         raise NotImplementedError
@@ -138,9 +148,14 @@ class DDPM(Solver):
     def __init__(self, steps: int = 250, clip_denoised: bool = True) -> None:
         super().__init__(steps, clip_denoised)
 
-    def step(self, process, model, x, t, model_kwargs, draw, carry):
+    def step(self, process, model, x, t, model_kwargs, draw, carry, cond_fn=None):
         # A noise is drawn at t == 0 too (and not used), as the reference's loop draws it.
-        out = process.p_sample(model, x, t, self.clip_denoised, model_kwargs=model_kwargs, noise=draw())
+        if cond_fn is None:
+            out = process.p_sample(model, x, t, self.clip_denoised, model_kwargs=model_kwargs, noise=draw())
+        else:  # classifier guidance shifts the mean (condition_mean)
+            out = guided_p_sample(
+                process, model, x, t, cond_fn, self.clip_denoised, model_kwargs=model_kwargs, noise=draw()
+            )
         return out["sample"], out["pred_xstart"], None
 
 
@@ -165,17 +180,13 @@ class DDIM(Solver):
         above = [c for c in counts if c > self.steps][:1]
         return f"Nearest counts that work: {' or '.join(map(str, below + above))}."
 
-    def step(self, process, model, x, t, model_kwargs, draw, carry):
+    def step(self, process, model, x, t, model_kwargs, draw, carry, cond_fn=None):
         noise = draw() if self.eta > 0 else None
-        out = process.ddim_sample(
-            model,
-            x,
-            t,
-            eta=self.eta,
-            clip_denoised=self.clip_denoised,
-            model_kwargs=model_kwargs,
-            noise=noise,
-        )
+        args = dict(eta=self.eta, clip_denoised=self.clip_denoised, model_kwargs=model_kwargs, noise=noise)
+        if cond_fn is None:
+            out = process.ddim_sample(model, x, t, **args)
+        else:  # classifier guidance corrects the score (condition_score)
+            out = guided_ddim_sample(process, model, x, t, cond_fn, **args)
         return out["sample"], out["pred_xstart"], None
 
     def __repr__(self) -> str:
@@ -216,9 +227,11 @@ class DPMSolverPP(Solver):
             )
         return logsnr_timesteps(diffusion.respace(None).alphas_cumprod, self.steps)
 
-    def step(self, process, model, x, t, model_kwargs, draw, carry):
+    def step(self, process, model, x, t, model_kwargs, draw, carry, cond_fn=None):
         out = process.model_output(model, x, t, model_kwargs)
         denoised, _ = process.predict_xstart_eps(out, x, t, clip_denoised=self.clip_denoised)
+        if cond_fn is not None:  # classifier guidance corrects the score, i.e. the denoised estimate
+            denoised, _ = condition_xstart(process, denoised, x, t, cond_fn)
         i = int(t[0])
         if i == 0:
             return (
@@ -288,8 +301,9 @@ def guided(model: Callable[..., Tensor], scale: float, null_class: int) -> Calla
     def forward(x: Tensor, t: Tensor, y: Tensor | None = None, **kwargs) -> Tensor:
         if y is None:
             raise ValueError("classifier-free guidance needs class labels y")
+        both = {k: torch.cat([v, v]) for k, v in kwargs.items()}  # per-image inputs such as low_res
         out = model(
-            torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, null_class)]), **kwargs
+            torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, null_class)]), **both
         )
         cond, uncond = out.chunk(2)  # each (N, C or 2C, H, W)
         c = x.shape[1]
@@ -363,6 +377,8 @@ def generate(
     guidance_scale: float = 1.0,
     autocast: contextlib.AbstractContextManager | None = None,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
+    cond_fn: CondFn | None = None,
+    model_kwargs: dict | None = None,
 ) -> Tensor:
     """Generate the images with the given global indices: a float [N x C x H x W] Tensor in [-1, 1].
 
@@ -370,22 +386,31 @@ def generate(
     :param diffusion: the process the model was trained with.
     :param solver: a solver (see the module docstring).
     :param indices: N global image indices; an image's noise depends only on its index and ``seed``.
-    :param classes: [N] class labels for a class-conditional model, else None.
+    :param classes: [N] class labels for a class-conditional model, else None (an unconditional model guided
+        by a classifier gets its classes through ``cond_fn``).
     :param guidance_scale: classifier-free guidance weight; 1 disables it (one forward pass of N per step).
     :param autocast: the forward-pass precision context (``Hardware.autocast()``); None runs in fp32.
     :param callback: passed to the solver: ``callback(k, x, pred_xstart)`` after every step.
+    :param cond_fn: classifier guidance for these N images (``guidance.classifier_cond_fn(classifier, classes,
+        scale)``), passed to the solver; it combines with classifier-free guidance.
+    :param model_kwargs: further per-image network inputs, e.g. ``{"low_res": [N x C x h x w]}`` for a
+        SuperResModel.
     """
     indices = list(indices)
     check_guidance(model, guidance_scale)
     if classes is not None and len(classes) != len(indices):
         raise ValueError(f"classes has {len(classes)} labels for {len(indices)} images")
+    if classes is not None and not model.num_classes:
+        raise ValueError(
+            "classes given for an unconditional model: steer it with a classifier's cond_fn instead"
+        )
     noise = PerImageNoise(seed, indices, (model.in_channels, model.image_size, model.image_size), device)
     x_T = noise.draw()
-    kwargs, net = {}, model
+    kwargs, net = dict(model_kwargs or {}), model
     if classes is not None:
         kwargs["y"] = classes.to(device)
         if guidance_scale != 1.0:
             net = guided(model, guidance_scale, model.null_class)
     with autocast if autocast is not None else contextlib.nullcontext():
-        x = solver(net, diffusion, x_T, model_kwargs=kwargs, noise=noise, callback=callback)
+        x = solver(net, diffusion, x_T, model_kwargs=kwargs, noise=noise, callback=callback, cond_fn=cond_fn)
     return x.float()

@@ -806,6 +806,33 @@ class EncoderUNetModel(nn.Module):
             hidden = [nn.ReLU()] if pool == "spatial" else [_norm(2048), nn.SiLU()]
             self.out = nn.Sequential(nn.Linear(features, 2048), *hidden, nn.Linear(2048, num_classes))
 
+    @classmethod
+    def fit_to_data(cls, config: dict, data, **runtime) -> dict:
+        """
+        The constructor config with the data's channels and number of classes (see UNetModel.fit_to_data).
+
+        :param config: the model group's config as a plain dict (with ``_target_``).
+        :param data: a labelled dataset with ``image_size``, ``channels`` and ``num_classes``.
+        :raises ConfigError: when the data cannot train this classifier, or a diffusion task asks for it
+            (a diffusion task passes ``learn_sigma``).
+        """
+        if runtime:
+            raise ConfigError(
+                f"model._target_={config['_target_']} is a noisy-image classifier: train it with task=classifier "
+                "(e.g. experiment=digits_classifier), or pick a diffusion model (model=unet_digits...)"
+            )
+        if config["image_size"] != data.image_size:
+            raise ConfigError(
+                f"model.image_size={config['image_size']} but data.image_size={data.image_size}: set both to "
+                "the same value (data.image_size follows the model unless overridden)"
+            )
+        if data.num_classes < 2:
+            raise ConfigError(
+                f"a classifier needs labelled data with at least 2 classes; the data has {data.num_classes}: "
+                "use class sub-folders or file-name prefixes (data.labels)"
+            )
+        return {**config, "in_channels": data.channels, "num_classes": data.num_classes}
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """
         :param x: an [N x in_channels x image_size x image_size] Tensor of (noisy) images.
@@ -869,4 +896,6 @@ def _check_labels(class_cond: bool, num_classes: int, label_dropout: float) -> N
     if not 0.0 <= label_dropout < 1.0:
         raise ConfigError(f"label_dropout must be in [0, 1), got {label_dropout}")
     if label_dropout > 0 and not class_cond:
-        raise ConfigError("label_dropout > 0 needs class_cond=True: there are no labels to drop")
+        raise ConfigError(
+            "label_dropout > 0 needs class_cond=True: there are no labels to drop; set model.label_dropout=0"
+        )

@@ -83,7 +83,10 @@ def test_model_presets_instantiate(name):
     with torch.device("meta"):  # the released networks have up to 560M parameters: no memory on meta
         model = instantiate(cfg.model)
     assert model.image_size == cfg.model.image_size
-    assert model.out_channels == model.in_channels * (2 if cfg.model.learn_sigma else 1)
+    if "learn_sigma" in cfg.model:  # a diffusion network
+        assert model.out_channels == model.in_channels * (2 if cfg.model.learn_sigma else 1)
+    else:  # a noisy-image classifier
+        assert model.num_classes == cfg.model.num_classes
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))

@@ -6,11 +6,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from test_unet import FIXTURES, TOL, randomise, rel_err
 from test_unet import TINY as UNET_TINY
 
 from diffusion.guidance import classifier_cond_fn
-from diffusion.unet import AttentionPool2d, EncoderUNetModel, SuperResModel, UNetModel
+from diffusion.sampling import matching_presets
+from diffusion.unet import DEFAULT_CHANNEL_MULT, AttentionPool2d, EncoderUNetModel, SuperResModel, UNetModel
+
+from conftest import compose_cfg
 
 LAYOUTS = json.loads((FIXTURES / "released_layouts_guidance.json").read_text())
 
@@ -67,7 +72,8 @@ def released_kwargs(builder: str, flags: dict) -> dict:
     """
     The constructor kwargs, in our vocabulary, of a released classifier or upsampler from its script flags.
 
-    The model presets (model=classifier_*, model=upsampler_*) hold exactly these values.
+    The model presets (model=classifier_*, model=upsampler_*) hold exactly these values
+    (test_presets_hold_the_released_flags).
     """
     if builder == "create_classifier":
         return dict(
@@ -109,11 +115,28 @@ MODEL_CLASSES = {"create_classifier": EncoderUNetModel, "sr_create_model": Super
 # --- released layouts ----------------------------------------------------------------------------------------
 
 
+# The model preset of each released file.
+PRESETS = {
+    "64x64_classifier": "classifier_64",
+    "128x128_classifier": "classifier_128",
+    "256x256_classifier": "classifier_256",
+    "512x512_classifier": "classifier_512",
+    "64_256_upsampler": "upsampler_64_256",
+    "128_512_upsampler": "upsampler_128_512",
+}
+
+
+def preset_config(name: str):
+    return compose_cfg([f"model={PRESETS[name]}"]).model
+
+
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_released_layout(name):
+    """model=<preset> alone builds exactly the released file's keys and shapes, and the file loads strictly."""
     layout = LAYOUTS[name]
     with torch.device("meta"):
-        model = MODEL_CLASSES[layout["builder"]](**released_kwargs(layout["builder"], layout["flags"]))
+        model = instantiate(preset_config(name))
+    assert isinstance(model, MODEL_CLASSES[layout["builder"]])
     shapes = {key: list(value.shape) for key, value in model.state_dict().items()}
     assert shapes.keys() == layout["state_dict"].keys()
     assert shapes == layout["state_dict"]
@@ -122,6 +145,26 @@ def test_released_layout(name):
     released = {key: torch.zeros(shape, device="meta") for key, shape in layout["state_dict"].items()}
     result = model.load_state_dict(released, strict=True, assign=True)
     assert not result.missing_keys and not result.unexpected_keys
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_presets_hold_the_released_flags(name):
+    """Every constructor argument the reference's flags give is the preset's (channel_mult may be left to the
+    image size's default, when that default is the released one)."""
+    layout = LAYOUTS[name]
+    preset = OmegaConf.to_container(preset_config(name), resolve=True)
+    for key, value in released_kwargs(layout["builder"], layout["flags"]).items():
+        if key == "channel_mult" and preset[key] is None:
+            assert tuple(value) == DEFAULT_CHANNEL_MULT[preset["image_size"]], name
+        else:
+            assert preset[key] == value, (name, key)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_released_files_are_recognised_by_their_presets(name):
+    """sample.py names the preset of a file that does not fit: each released layout matches its own preset."""
+    layout = {k: torch.empty(shape, device="meta") for k, shape in LAYOUTS[name]["state_dict"].items()}
+    assert matching_presets(layout) == [PRESETS[name]]
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))

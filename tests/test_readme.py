@@ -49,8 +49,9 @@ COMMANDS = usual_commands()
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """The files the commands name: an image folder, released-format state dicts, and outputs/my_run trained by
-    the README's own run-directory command."""
+    """The files the commands name: an image folder, released-format state dicts, and the outputs/... directories
+    that the README's own commands with ``hydra.run.dir=outputs/...`` write (my_run, the classifier, the upsampler,
+    the 4x4 base model and its samples), run in the README's order."""
     root = tmp_path_factory.mktemp("readme")
     # ImageNet's layout and class count (so that OpenAI's 1000-class weights fit), one small image per class.
     rng = np.random.default_rng(0)
@@ -62,8 +63,8 @@ def workspace(tmp_path_factory) -> Path:
         with torch.device("cpu"):
             model = instantiate(compose_cfg([f"model={preset}", *SHRINK[preset]]).model)
         torch.save(model.state_dict(), root / filename)
-    (run,) = [c for c in COMMANDS if "hydra.run.dir=outputs/my_run" in c]
-    _run(adapt(run, root))
+    for command in [c for c in COMMANDS if "hydra.run.dir=outputs/" in c]:
+        _run(adapt(command, root))
     return root
 
 
@@ -87,7 +88,9 @@ def adapt(command: str, root: Path) -> list[str]:
         elif not any(w.startswith("hydra.run.dir=") for w in words):
             extra.append(f"hydra.run.dir={root / 'runs' / slug}")
     elif script == "sample.py":
-        extra += ["num_samples=4", "batch_size=2", "hardware=cpu", f"hydra.run.dir={root / 'samples' / slug}"]
+        extra += ["num_samples=4", "batch_size=2", "hardware=cpu"]
+        if not any(w.startswith("hydra.run.dir=") for w in words):
+            extra.append(f"hydra.run.dir={root / 'samples' / slug}")
     elif script == "diffusion.nll":
         extra += ["num_batches=1", "data.batch_size=4", "hardware=cpu", f"hydra.run.dir={root / 'nll'}"]
     launcher = {"python": [PYTHON], "torchrun": [TORCHRUN]}[words[0]]
