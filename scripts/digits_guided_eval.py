@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 
 import diffusion
 from diffusion.data import Digits
-from diffusion.evaluate import train_digit_classifier
+from diffusion.digit_judge import train_digit_classifier
 from diffusion.images import to_uint8
 from diffusion.sampling import load_model, sample
 

@@ -16,7 +16,7 @@ from PIL import Image
 from diffusion import training
 from diffusion.data import Digits, ImageFolder, digits_split
 from diffusion.errors import UserError
-from diffusion.evaluate import train_digit_classifier
+from diffusion.digit_judge import train_digit_classifier
 from diffusion.loggers import read_metrics_jsonl, read_wandb_history
 from diffusion.tasks import RunContext, classification_terms
 from diffusion.training import train
