@@ -25,6 +25,7 @@ from diffusion.config import build
 from diffusion.distributed import DistEnv, barrier, cleanup_distributed, init_distributed
 from diffusion.errors import UserError
 from diffusion.images import save_grid, to_uint8
+from diffusion.latent import latent_solver
 from diffusion.solvers import check_guidance, generate
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ def _read_checkpoint(cfg: DictConfig) -> tuple[DictConfig, DictConfig, dict, dic
                 f"{cfg.checkpoint} is a plain state dict (such as OpenAI's releases): name its network and "
                 "process, e.g. model=unet_256 diffusion=adm"
             )
-        return cfg.model, cfg.diffusion, state, {"class_names": [], "step": None, "channels_last": None}
+        info = {"class_names": [], "step": None, "channels_last": None, "vae": cfg.get("vae")}
+        return cfg.model, cfg.diffusion, state, info
     if state["format_version"] != ckpt.FORMAT_VERSION:
         ckpt.load_checkpoint(cfg.checkpoint)  # raises the explanation of the version mismatch
     if cfg.model is not None or cfg.diffusion is not None:
@@ -85,8 +87,22 @@ def _read_checkpoint(cfg: DictConfig) -> tuple[DictConfig, DictConfig, dict, dic
         "class_names": state.get("class_names", []),
         "step": state["step"],
         "channels_last": run_cfg.hardware.get("channels_last"),  # None: the run left it to the device
+        "vae": _checkpoint_vae(cfg, run_cfg),
     }
     return OmegaConf.create(state["model_config"]), run_cfg.diffusion, weights, info
+
+
+def _checkpoint_vae(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig | None:
+    """The VAE that decodes a project checkpoint's samples: its run's (data.latent=true), or ``cfg.vae`` where
+    this machine keeps it elsewhere; None in pixel space."""
+    latent = run_cfg.get("data") is not None and run_cfg.data.get("latent")
+    if not latent:
+        if cfg.get("vae") is not None:
+            raise SamplingError(
+                f"{cfg.checkpoint} was trained in pixel space (data.latent=false): drop the vae=... override"
+            )
+        return None
+    return cfg.vae if cfg.get("vae") is not None else run_cfg.vae
 
 
 def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, object, dict]:
@@ -94,7 +110,8 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, object, dict]:
 
     :param cfg: a node with checkpoint, model, diffusion, use_ema and ema_rate (``sample.yaml``, ``nll.yaml``).
     :return: (model in eval mode on the CPU, diffusion, info) where info holds ``class_names``, the
-        checkpoint ``step`` and the ``channels_last`` its run set explicitly (both None for a plain state dict).
+        checkpoint ``step`` and the ``channels_last`` its run set explicitly (both None for a plain state dict),
+        and ``vae``, the config of the VAE that decodes a latent model's samples (None in pixel space).
     """
     model_cfg, diffusion_cfg, weights, info = _read_checkpoint(cfg)
     with torch.device("meta"):
@@ -125,7 +142,7 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, object, dict]:
 def class_labels(cfg: DictConfig, model: torch.nn.Module) -> torch.Tensor | None:
     """The class of every requested image, a LongTensor [num_samples]: ``classes`` cycled, or all classes in
     turn; None for an unconditional model. Also checks that ``guidance_scale`` suits the model."""
-    check_guidance(model, cfg.guidance_scale)
+    check_guidance(model, cfg.guidance_scale, cfg.get("guidance_style", "all"))
     if not model.num_classes:
         if cfg.classes:
             raise SamplingError(
@@ -137,6 +154,24 @@ def class_labels(cfg: DictConfig, model: torch.nn.Module) -> torch.Tensor | None
     if bad:
         raise SamplingError(f"classes {bad} are outside the model's range 0..{model.num_classes - 1}")
     return torch.tensor(base).repeat(cfg.num_samples // len(base) + 1)[: cfg.num_samples]
+
+
+def latent_decoder(vae_cfg: DictConfig | None, model: torch.nn.Module, device: torch.device):
+    """The VAE (a diffusion.latent.LatentVAE on ``device``) that decodes a latent model's samples, or None in
+    pixel space. SamplingError for a model whose outputs cannot be images without one (not 1 or 3 channels) and
+    for a VAE whose latents are not the model's."""
+    if vae_cfg is None:
+        if model.in_channels not in (1, 3):
+            raise SamplingError(
+                f"the model makes {model.in_channels}-channel samples, which are latents, not images: name the VAE "
+                "that decodes them, e.g. vae=sd_vae_ft_ema (DiT's released models: sd_vae_ft_ema or sd_vae_ft_mse)"
+            )
+        return None
+    from diffusion.latent import check_latent_channels
+
+    vae = build(vae_cfg, device=device)
+    check_latent_channels(vae, model.in_channels)
+    return vae
 
 
 def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
@@ -194,12 +229,17 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
     labels = class_labels(cfg, model)
     solver = build(cfg.solver)
     solver.check(diffusion)
+    vae = latent_decoder(info["vae"], model, hw.device)
+    if vae is not None:
+        # Latents are not bounded to [-1, 1]: x0 is not clamped (DiT samples with clip_denoised=False).
+        solver = latent_solver(solver)
+        log.info("latent model: samples are decoded by the VAE %s", vae.name)
     model = hw.prepare_model(model)
     log.info("%s on %s; %d rank(s); %s", solver, hw, env.world_size, cfg.checkpoint)
 
     start = time.perf_counter()
     mine = list(range(env.rank, cfg.num_samples, env.world_size))
-    shard = _generate_shard(cfg, model, diffusion, solver, labels, mine, hw, env)
+    shard = _generate_shard(cfg, model, diffusion, solver, labels, mine, hw, env, vae)
     run_dir.mkdir(parents=True, exist_ok=True)
     np.save(run_dir / f".shard_{env.rank}.npy", shard)
     barrier()
@@ -221,16 +261,23 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
     return out
 
 
-def _generate_shard(cfg, model, diffusion, solver, labels, mine, hw, env) -> np.ndarray:
-    """This rank's images, uint8 [len(mine) x H x W x C], in batches of ``cfg.batch_size``."""
-    images = [np.zeros((0, model.image_size, model.image_size, model.in_channels), np.uint8)]
+def _generate_shard(cfg, model, diffusion, solver, labels, mine, hw, env, vae=None) -> np.ndarray:
+    """This rank's images, uint8 [len(mine) x H x W x C], in batches of ``cfg.batch_size``; a latent model's
+    samples decoded by ``vae``."""
+    side, channels = model.image_size, model.in_channels
+    if vae is not None:
+        side, channels = side * vae.downsample, vae.image_channels
+    images = [np.zeros((0, side, side, channels), np.uint8)]
     bar = tqdm(total=len(mine), desc="sampling", unit="img", disable=not env.is_main)
     for b in range(0, len(mine), cfg.batch_size):
         idx = mine[b : b + cfg.batch_size]
         y = labels[idx] if labels is not None else None
         x = generate(
-            model, diffusion, solver, idx, cfg.seed, hw.device, y, cfg.guidance_scale, autocast=hw.autocast()
-        )
+            model, diffusion, solver, idx, cfg.seed, hw.device, y, cfg.guidance_scale, autocast=hw.autocast(),
+            guidance_style=cfg.get("guidance_style", "all"),
+        )  # fmt: skip
+        if vae is not None:
+            x = vae.decode(x)
         images.append(to_uint8(x))
         bar.update(len(idx))
     bar.close()

@@ -97,6 +97,7 @@ class DiffusionTask(Task):
         super().__init__(diffusion, sampler)
         self.solver = solver
         self.class_cond = False
+        self.vae = None  # latent data's VAE (diffusion.latent.LatentVAE): grids are decoded through it
 
     def build_model(self, model_cfg: DictConfig, data) -> tuple[nn.Module, dict]:
         """The configured network with the data's channels and classes and the process's output channels.
@@ -107,6 +108,7 @@ class DiffusionTask(Task):
         config = fit_to_data(model_cfg, data, learn_sigma=self.diffusion.learns_sigma)
         model = build(config)
         self.class_cond = model.num_classes is not None
+        self.vae = getattr(data, "vae", None)
         return model, config
 
     def losses(self, net: nn.Module, x: Tensor, y: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
@@ -123,6 +125,15 @@ class DiffusionTask(Task):
         if self.solver is None:
             return None
         classes = torch.arange(n) % model.num_classes if model.num_classes else None
-        return generate(
-            model, self.diffusion, self.solver, range(n), seed, hw.device, classes, autocast=hw.autocast()
-        )
+        if self.vae is None:
+            return generate(
+                model, self.diffusion, self.solver, range(n), seed, hw.device, classes, autocast=hw.autocast()
+            )
+        from diffusion.latent import latent_solver
+
+        z = generate(
+            model, self.diffusion, latent_solver(self.solver), range(n), seed, hw.device, classes,
+            autocast=hw.autocast(),
+        )  # fmt: skip
+        self.vae = self.vae.on(hw.device)  # decoded where the model runs; the loader keeps its own copy
+        return self.vae.decode(z)
