@@ -28,6 +28,7 @@ import copy
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -40,6 +41,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # DiT's (and Stable Diffusion v1's) latent scaling: unit-ish variance for the diffusion model.
 SCALE_FACTOR = 0.18215
@@ -722,6 +725,7 @@ def latent_training_data(dataset: Dataset, vae: LatentVAE | Any, cache: str | os
         vae = build(vae)
     _check_image_channels(dataset, vae)
     if cache is None:
+        log.info("latents encoded on the fly by the VAE %s (no data.latent_cache)", vae.name)
         return EncodedDataset(dataset, vae)
     path = Path(cache).expanduser().absolute()
     if not (path / _META).is_file():
@@ -733,6 +737,7 @@ def latent_training_data(dataset: Dataset, vae: LatentVAE | Any, cache: str | os
     flips = bool(getattr(dataset, "random_flip", False))
     latents = LatentDataset(path, expect=latent_cache_metadata(dataset, vae, flips))
     latents.vae = vae
+    log.info("latents of %d images from the cache %s (VAE %s)", len(latents), path, vae.name)
     return latents
 
 
