@@ -10,6 +10,7 @@ and the options or recipes that fit. :func:`run_main` runs an entry point's ``@h
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
@@ -54,8 +55,9 @@ def _fields(node: type) -> list[str]:
 
 
 def _family(node: type) -> str:
-    """What a schema builds, by its class name: ``DiT``, ``UNetModel``."""
-    return str(OmegaConf.structured(node)._target_).rsplit(".", 1)[-1]
+    """What a schema builds, by its class name: ``DiT``, ``UNetModel`` (the schema's own name without one)."""
+    target = OmegaConf.structured(node).get("_target_")
+    return str(target).rsplit(".", 1)[-1] if target else node.__name__.removesuffix("Config")
 
 
 def options_of(group: str, schema_name: str) -> list[str]:
@@ -107,8 +109,10 @@ def explain(e: BaseException) -> str | None:
     if key_match is None or type_match is None:
         return None
     full_key, schema_class = key_match.group(1), type_match.group(1)
+    if "." not in full_key:
+        return _top_level(full_key, schema_class)
     schemas = _schemas()
-    if schema_class not in schemas or "." not in full_key:
+    if schema_class not in schemas:
         return None
     group, field = full_key.split(".", 1)[0], full_key.rsplit(".", 1)[-1]
     name, node = schemas[schema_class]
@@ -141,15 +145,29 @@ def explain(e: BaseException) -> str | None:
     return f"{source} a {owner_family} field that {family} does not have: {', or '.join(fixes)}"
 
 
+def _top_level(key: str, schema_class: str) -> str | None:
+    """A misspelt top-level setting (``max_stepz=3``)."""
+    from diffusion import config
+
+    node = getattr(config, schema_class, None)
+    if node is None or not dataclasses.is_dataclass(node):
+        return None
+    close = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(node)], n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"{key}: no such setting: {hint}`--cfg job` prints every field of the composed config"
+
+
 def run_main(main: Callable[[], Any]) -> Any:
     """
     Run an entry point's ``@hydra.main`` function. A config that does not compose ends the process with status 1
     and one line from :func:`explain` (or Hydra's own short report where it has none); every other exception
-    propagates with its full traceback.
+    propagates with its full traceback. With HYDRA_FULL_ERROR=1 set by the user, everything propagates.
     """
     from hydra.errors import CompactHydraException
 
     previous = os.environ.get("HYDRA_FULL_ERROR")
+    if previous == "1":
+        return main()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its report and exiting
     try:
         return main()

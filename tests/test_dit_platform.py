@@ -251,6 +251,9 @@ def test_a_missing_vae_or_model_is_one_line_when_the_image_size_is_resolved(tmp_
         ),
         (["model=unet_64", "model.class_dropout_prob=0.1"], "set model.label_dropout instead"),
         (["model=dit_s_2", "model.hiden_size=8"], "did you mean model.hidden_size?"),
+        # Any misspelt key gets the same one line.
+        (["optim.lrr=1"], "optim.lrr: Optim (optim=adamw) has no such field: did you mean optim.lr?"),
+        (["max_stepz=3"], "max_stepz: no such setting: did you mean max_steps?"),
     ],
 )
 def test_a_field_of_the_other_family_is_explained_in_one_line(overrides, expected):
