@@ -32,10 +32,13 @@ bench: install
 
 # On one GPU: ADM's ImageNet 64 and 128 models at per-GPU batches of the paper's global batches (2048 and 256
 # spread over 32 and 8 GPUs); MFU against the H100 SXM's dense bf16 peak (set PEAK_TFLOPS for other cards).
+# Then DiT-XL/2 on DiT's 32x32x4 ImageNet 256 latents at batch 32 (DiT's global 256 over 8 GPUs), no levers.
 PEAK_TFLOPS ?= 989
 bench-gpu: install
 	$(PY) benchmarks/bench.py --device cuda --models unet_64 unet_128 --batch unet_64=64 unet_128=32 \
 		--skip data --seconds 3 --peak-tflops $(PEAK_TFLOPS) --levers channels_last sdpa optimizer_foreach compile
+	$(PY) benchmarks/bench.py --device cuda --models dit_xl_2 --batch dit_xl_2=32 \
+		--skip data sampling --seconds 3 --warmup 2 --peak-tflops $(PEAK_TFLOPS)
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

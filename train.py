@@ -36,4 +36,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    from diffusion.config_errors import run_main
+
+    run_main(main)  # a config that does not compose: one line naming the key and the fix

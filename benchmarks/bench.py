@@ -10,13 +10,14 @@ One run measures, in order:
 - the ceiling: matrix-multiply and 3x3-convolution rates (GFLOP/s) at unet_32's sizes, in the precision the
   hardware preset trains in (fp32 on the CPU, bf16 on GPUs);
 - the train step of each model (its conf/model preset composed with Hydra, as users run it): images/s,
-  achieved GFLOP/s (counted by ``torch.utils.flop_counter``), achieved / convolution ceiling, peak memory;
+  achieved GFLOP/s (counted by ``torch.utils.flop_counter``), achieved / ceiling, peak memory. A UNet's ceiling
+  is the convolution rate; a transformer (DiT, on DiT's 32x32x4 ImageNet latents) is matmul-bound, so its
+  ceiling is the matmul rate at its own MLP shape ((batch * tokens) x D @ D x 4D);
 - one sampling step (one model call) of each solver for unet_32: images/s;
 - data loading: images/s per DataLoader worker (benchmarks/data_bench.py).
 
-Every figure is the median of repeated timed runs after warm-up. The CPU is often shared, so the convolution
-ceiling is probed again before and after each train-step measurement and each model's ratio uses the probes
-around it; the load average is printed with the table. ``--levers`` adds A/B comparisons of each performance
+Every figure is the median of repeated timed runs after warm-up. The CPU is often shared, so the ceiling is
+probed again before and after each train-step measurement and each model's ratio uses the probes around it; the load average is printed with the table. ``--levers`` adds A/B comparisons of each performance
 switch against the preset's default, timed alternately in one process. OVERRIDEs are Hydra overrides applied
 to every composed config (``hardware.channels_last=true``).
 """
@@ -58,9 +59,9 @@ from diffusion.training import (  # noqa: E402
 from diffusion.training import train_step as engine_train_step  # noqa: E402
 
 THREADS = 2
-MODELS = ("unet_digits", "unet_32", "unet_64")
+MODELS = ("unet_digits", "unet_32", "unet_64", "dit_s_2", "dit_b_2")
 # Per-device batch of each train-step row; other presets default to DEFAULT_BATCH.
-TRAIN_BATCH = {"unet_digits": 64, "unet_32": 32, "unet_64": 4}
+TRAIN_BATCH = {"unet_digits": 64, "unet_32": 32, "unet_64": 4, "dit_s_2": 4, "dit_b_2": 4}
 DEFAULT_BATCH = 4
 # A preset's row runs in its conf/experiment recipe where it has one (digits: as `make train` trains it), at
 # the benchmark's own thread count rather than the recipe's.
@@ -74,8 +75,9 @@ CONV_SHAPES = ((128, 32), (256, 16), (256, 8), (256, 4))
 CONV_BATCH = 32
 # The attention qkv projection of unet_32 at 16x16: (batch * tokens) x C @ C x 3C.
 MATMUL_SHAPE = (32 * 256, 256, 768)
-# A model shrunk to seconds for --quick: same presets, narrower and shallower.
+# A model shrunk to seconds for --quick: same presets, narrower and shallower (each family's own fields).
 QUICK_MODEL = ["model.num_channels=32", "model.num_res_blocks=1", "model.num_head_channels=32"]
+QUICK_TRANSFORMER = ["model.depth=1", "model.hidden_size=64", "model.num_heads=2"]
 
 
 def _attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -129,6 +131,7 @@ class Plan:
     sample_steps: int = SAMPLE_STEPS
     data_images: int = DATA_IMAGES
     model_overrides: list[str] = field(default_factory=list)
+    transformer_overrides: list[str] = field(default_factory=list)  # model_overrides of a transformer preset
     peak_tflops: float | None = None  # the device's datasheet peak in the training precision, for MFU
 
     @classmethod
@@ -145,6 +148,7 @@ class Plan:
             sample_batch=2,
             data_images=30,
             model_overrides=QUICK_MODEL,
+            transformer_overrides=QUICK_TRANSFORMER,
         )
 
 
@@ -205,9 +209,9 @@ def conv_ceiling(device: torch.device, plan: Plan) -> float:
     return max(conv_rate(device, plan, fmt) for fmt in (torch.contiguous_format, torch.channels_last))
 
 
-def matmul_rate(device: torch.device, plan: Plan) -> float:
-    """Matrix-multiply rate (GFLOP/s) at ``plan.matmul_shape`` = (m, k, n)."""
-    m, k, n = plan.matmul_shape
+def matmul_rate(device: torch.device, plan: Plan, shape: tuple[int, int, int] | None = None) -> float:
+    """Matrix-multiply rate (GFLOP/s) at ``shape`` = (m, k, n), by default ``plan.matmul_shape``."""
+    m, k, n = shape or plan.matmul_shape
     a = torch.randn(m, k, device=device, dtype=plan.dtype)
     b = torch.randn(k, n, device=device, dtype=plan.dtype)
     _, times = time_calls(lambda: a @ b, device, plan.kernels)
@@ -299,12 +303,36 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
         return compose(config_name="train", overrides=list(overrides))
 
 
+def is_transformer(model_cfg: DictConfig) -> bool:
+    """A DiT-like network (tokens of width hidden_size): matmul-bound, with its own field names."""
+    return "hidden_size" in model_cfg and "patch_size" in model_cfg
+
+
 def model_config(plan: Plan, model: str, extra: Sequence[str] = ()) -> DictConfig:
     hardware = "hardware=gpu" if plan.device == "cuda" else "hardware=cpu"
     recipe = RECIPES.get(model, [])
+    shrink = plan.model_overrides
+    if plan.transformer_overrides and is_transformer(compose_config([f"model={model}"]).model):
+        shrink = plan.transformer_overrides
     return compose_config(
-        [f"model={model}", hardware, *recipe, "logger=none", *plan.model_overrides, *plan.overrides, *extra]
+        [f"model={model}", hardware, *recipe, "logger=none", *shrink, *plan.overrides, *extra]
     )
+
+
+def input_shape(model_cfg: DictConfig) -> tuple[int, int, int]:
+    """(channels, side, classes) of the data a preset takes: a UNet's image_size, a DiT's input_size (for the
+    DiT presets DiT's ImageNet 256 latents, 32x32x4); classes 0 when unconditional."""
+    side = model_cfg.get("image_size", model_cfg.get("input_size"))
+    conditional = model_cfg.get("class_cond", True)
+    return model_cfg.in_channels, side, (model_cfg.num_classes or 0) if conditional else 0
+
+
+def matmul_shape(model_cfg: DictConfig, batch: int) -> tuple[int, int, int]:
+    """A transformer's MLP matmul, (batch * tokens) x D @ D x mlp_ratio * D: the bulk of its FLOPs."""
+    _, side, _ = input_shape(model_cfg)
+    tokens = (side // model_cfg.patch_size) ** 2
+    d = model_cfg.hidden_size
+    return batch * tokens, d, int(d * model_cfg.mlp_ratio)
 
 
 @dataclass
@@ -330,14 +358,13 @@ def build_train(cfg: DictConfig, batch: int) -> TrainSetup:
     random images (in place of the data loader)."""
     hw = instantiate(cfg.hardware)
     task = build_task(cfg)
-    m = cfg.model
-    num_classes = m.num_classes if m.class_cond else 0
-    data = SimpleNamespace(image_size=m.image_size, channels=m.in_channels, num_classes=num_classes)
+    channels, side, num_classes = input_shape(cfg.model)
+    data = SimpleNamespace(image_size=side, channels=channels, num_classes=num_classes)
     model, _ = task.build_model(cfg.model, data)
     model = hw.prepare_model(model).train()
     state = TrainState.create(cfg, model, hw, task.sampler)
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, m.in_channels, m.image_size, m.image_size, generator=gen).mul(2).sub(1)
+    x = torch.rand(batch, channels, side, side, generator=gen).mul(2).sub(1)
     y = torch.randint(0, max(num_classes, 1), (batch,), generator=gen)
     return TrainSetup(
         cfg=cfg,
@@ -378,14 +405,27 @@ def _measure_train(cfg: DictConfig, batch: int, device: torch.device, repeats: R
     return sum(p.numel() for p in s.model.parameters()), flops, first, times
 
 
+def ceiling_probe(
+    cfg: DictConfig, batch: int, device: torch.device, plan: Plan
+) -> tuple[str, Callable[[], float]]:
+    """What bounds this model's step, and a probe of its rate (GFLOP/s): the matmul at a transformer's MLP
+    shape, else the convolution ceiling."""
+    if is_transformer(cfg.model):
+        shape = matmul_shape(cfg.model, batch)
+        return "matmul", lambda: matmul_rate(device, plan, shape)
+    return "conv", lambda: conv_ceiling(device, plan)
+
+
 def train_row(name: str, device: torch.device, plan: Plan) -> dict:
     """Build the preset, count its FLOPs, time its train step; memory covers the whole (model, EMA, optimizer,
-    activations) footprint. The convolution ceiling is probed before and after, for the ratio."""
-    before = conv_ceiling(device, plan)
+    activations) footprint. The ceiling is probed before and after, for the ratio."""
+    cfg = model_config(plan, name)
     batch = plan.batches.get(name, DEFAULT_BATCH)
+    kind, probe = ceiling_probe(cfg, batch, device, plan)
+    before = probe()
     with PeakMemory(device) as memory:
-        params, flops, first, times = _measure_train(model_config(plan, name), batch, device, plan.steps)
-    ceiling = (before + conv_ceiling(device, plan)) / 2
+        params, flops, first, times = _measure_train(cfg, batch, device, plan.steps)
+    ceiling = (before + probe()) / 2
     seconds = statistics.median(times)
     return {
         "section": "train",
@@ -396,7 +436,8 @@ def train_row(name: str, device: torch.device, plan: Plan) -> dict:
         "step_s": seconds,
         "gflop_per_step": flops / 1e9,
         "gflops": flops / seconds / 1e9,
-        "conv_ceiling_gflops": ceiling,
+        "ceiling": kind,
+        "ceiling_gflops": ceiling,
         "of_ceiling": flops / seconds / 1e9 / ceiling,
         "peak_memory_gb": None if memory.bytes is None else memory.bytes / 2**30,
         "first_step_s": first,
@@ -484,6 +525,13 @@ LEVERS: dict[str, Callable[[DictConfig], tuple[str, list[str]]]] = {
 }
 
 
+def lever_applies(cfg: DictConfig, lever: str) -> bool:
+    """Whether the model has the fields a lever switches (a DiT has no use_sdpa: its attention is SDPA)."""
+    _, overrides = LEVERS[lever](cfg)
+    fields = [o.split("=", 1)[0].removeprefix("model.") for o in overrides if o.startswith("model.")]
+    return all(f in cfg.model for f in fields)
+
+
 def lever_row(name: str, lever: str, device: torch.device, plan: Plan) -> dict:
     """Default vs variant, built side by side and timed alternately so that load changes hit both alike."""
     cfg = model_config(plan, name)
@@ -524,7 +572,7 @@ def _train_line(r: dict) -> str:
     return (
         f"  {r['model']:<12} {r['params_m']:7.1f}M {r['batch']:>5} {r['images_per_s']:8.2f} "
         f"{r['step_s']:8.3f} {r['gflop_per_step']:10.1f} {r['gflops']:8.1f} "
-        f"{r['conv_ceiling_gflops']:8.1f} {r['of_ceiling']:8.0%} "
+        f"{r['ceiling_gflops']:8.1f} {r['ceiling']:<6} {r['of_ceiling']:8.0%} "
         f"{_fmt(r['peak_memory_gb'], '8.2f')}G {r['first_step_s']:8.2f}s"
         + ("" if r.get("mfu") is None else f"  MFU {r['mfu']:.0%}")
     )
@@ -540,7 +588,7 @@ SECTIONS: dict[str, tuple[str, str | None, Callable[[dict], str]]] = {
     "train": (
         "train step: forward + backward + AdamW + EMA (engine path, hybrid loss)",
         f"  {'model':<12} {'params':>8} {'batch':>5} {'img/s':>8} {'step s':>8} {'GFLOP/step':>10} "
-        f"{'GFLOP/s':>8} {'ceiling':>8} {'of ceil':>8} {'peak mem':>9} {'1st step':>9}",
+        f"{'GFLOP/s':>8} {'ceiling':>15} {'of ceil':>8} {'peak mem':>9} {'1st step':>9}",
         _train_line,
     ),
     "sampling": (
@@ -662,7 +710,15 @@ def run(plan: Plan, skip: Sequence[str] = (), report: Callable[[str], None] = pr
         ("train", lambda: [train_row(name, device, plan) for name in plan.models]),
         ("sampling", lambda: sampling_rows(device, plan)),
         ("data", lambda: data_rows(plan)),
-        ("levers", lambda: [lever_row(n, lever, device, plan) for n in plan.models for lever in plan.levers]),
+        (
+            "levers",
+            lambda: [
+                lever_row(n, lever, device, plan)
+                for n in plan.models
+                for lever in plan.levers
+                if lever_applies(model_config(plan, n), lever)
+            ],
+        ),
     ]
     for name, measure in sections:
         if name in skip:

@@ -65,7 +65,7 @@ def schema(
     :param target: the class (or function) ``instantiate`` builds.
     :param runtime: arguments known only at run time; they are not config fields.
     :param defaults: config-level defaults that differ from the constructor's, e.g. an interpolation
-        (``image_size: ${model.image_size}``). Keep this for values that cannot live in the constructor.
+        (``image_size: ${follow_model:}``). Keep this for values that cannot live in the constructor.
     :param base: a dataclass whose fields come first (e.g. the data loader's settings).
     """
     fields: list[tuple[str, Any, Any]] = [
@@ -105,6 +105,10 @@ class LoaderConfig:
     batch_size: int = 64  # global batch over all ranks
     microbatch: int = 0  # per-rank micro-batch size; 0 = the whole per-rank batch at once
     num_workers: int = 0
+    latent: bool = False  # train on the latents of the `vae` group's VAE (diffusion/latent.py)
+    latent_cache: str | None = (
+        None  # with latent: read them from this cache directory; null: encode on the fly
+    )
 
 
 # Keys of the data group that configure the loader, not the dataset class.
@@ -144,6 +148,7 @@ class TrainConfig:
     logger: Any = MISSING
     solver: Any = MISSING  # how the periodic sample grids are generated
     task: Any = MISSING  # what the loop optimises: the diffusion loss, a classifier's cross-entropy...
+    vae: Any = None  # the autoencoder of data.latent=true (unused in pixel space)
     seed: int = 0
     max_steps: int = 0  # stop after this many optimizer steps (0: run to optim.lr_anneal_steps, or forever)
     save_every: int = 1000
@@ -179,6 +184,9 @@ class SampleConfig(CheckpointJobConfig):
     batch_size: int = 16
     classes: list[int] | None = None  # default: spread evenly over all classes
     guidance_scale: float = 1.0
+    # all: guide every predicted-noise channel (solvers.guided); dit: DiT's forward_with_cfg, which guides the
+    # first three only -- the rule behind DiT's published FIDs
+    guidance_style: str = "all"
     grid_max: int = 100  # at most this many images in grid.png
     # Classifier guidance: a task=classifier run's checkpoint, or a plain state dict (OpenAI's
     # 64x64_classifier.pt...) with classifier_model naming its conf/model preset (classifier_64...)
@@ -186,6 +194,9 @@ class SampleConfig(CheckpointJobConfig):
     classifier_model: str | None = None
     classifier_scale: float = 1.0  # s in s * grad log p(y | x_t)
     base_samples: str | None = None  # a samples.npz (arr_0, arr_1) a super-resolution checkpoint upsamples
+    # the decoder of a latent model: a project checkpoint names its own (this overrides where it is); a plain
+    # state dict of a latent model (DiT's releases) needs vae=sd_vae_ft_ema or vae=sd_vae_ft_mse
+    vae: Any = None
 
 
 @dataclass
@@ -193,6 +204,23 @@ class NLLConfig(CheckpointJobConfig):
     data: Any = MISSING
     num_batches: int = 0  # global batches of data.batch_size to evaluate; 0 = one pass over the dataset
     clip_denoised: bool = True
+
+
+@dataclass
+class LatentCacheConfig:
+    """``python -m diffusion.latent_cache``: encode the ``data`` group's data set with the ``vae`` group's VAE into the
+    cache directory data.latent_cache, which training with data.latent=true reads."""
+
+    data: Any = MISSING
+    vae: Any = MISSING
+    hardware: Any = MISSING
+    model: Any = (
+        None  # optional: data.image_size then follows it as in training (model side x the VAE's factor)
+    )
+    rebuild: bool = False  # replace a cache made otherwise (else it is refused)
+    flips: bool | None = None  # also encode every image mirrored; null: as data.random_flip
+    batch_size: int = 32  # images per encoder call
+    storage_dtype: str = "float32"  # or float16: half the disk
 
 
 def build(node: Any, **kwargs: Any) -> Any:
@@ -214,14 +242,16 @@ def build(node: Any, **kwargs: Any) -> Any:
 
 def component_schemas() -> dict[str, type]:
     """Each component's schema by its ConfigStore name, made from the constructors."""
-    from diffusion import data, hardware, loggers, solvers, tasks, timestep_samplers, unet
+    from diffusion import data, dit, hardware, latent, loggers, solvers, tasks, timestep_samplers, unet
     from diffusion.gaussian_diffusion import GaussianDiffusion
 
-    follow_model = {"image_size": "${model.image_size}"}
+    follow_model = {"image_size": "${follow_model:}"}
     return {
         "schema_unet": schema(unet.UNetModel),
         "schema_classifier": schema(unet.EncoderUNetModel),
         "schema_upsampler": schema(unet.SuperResModel),
+        "schema_dit": schema(dit.DiT),
+        "schema_vae": schema(latent.load_vae, runtime=("device", "dtype")),
         "schema_diffusion": schema(GaussianDiffusion),
         "schema_digits": schema(data.Digits, defaults=follow_model, base=LoaderConfig),
         "schema_image_folder": schema(
@@ -251,6 +281,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="nll_schema", node=NLLConfig)
+    cs.store(name="latent_schema", node=LatentCacheConfig)
     for name, node in component_schemas().items():
         cs.store(name=name, node=node)
 
@@ -284,7 +315,48 @@ def per_gpu(gpus: int, with_gpus: Any, without: Any) -> Any:
     return with_gpus if int(gpus) > 0 else without
 
 
+def follow_model(*, _root_: Any) -> int:
+    """
+    ``data.image_size`` unless given: the pixel side the chosen model takes -- ``model.image_size`` (UNet) or
+    ``model.input_size`` (DiT), times the VAE's downsampling factor when ``data.latent`` is set (the model then
+    sees latents: DiT-XL/2's input_size 32 with Stable Diffusion's VAE is 256 px images). The factor is read from
+    the VAE's config.json, offline. A model of neither kind, or none, needs an explicit data.image_size.
+    """
+    from diffusion.errors import ConfigError
+
+    model = _root_.get("model")
+    if model is None:
+        raise ConfigError(
+            "data.image_size follows the model, but no model is chosen here: set data.image_size (e.g. "
+            "data.image_size=256) or model=<preset>"
+        )
+    key = next((k for k in ("image_size", "input_size") if k in model), None)
+    if key is None:
+        raise ConfigError(
+            f"data.image_size cannot follow model._target_={model.get('_target_')}, which has no image_size or "
+            "input_size: set data.image_size"
+        )
+    if OmegaConf.is_missing(model, key):
+        raise ConfigError(
+            f"missing required value model.{key}: set it on the command line, e.g. model.{key}=64"
+        )
+    side = model[key]
+    data = _root_.get("data")
+    if data is not None and data.get("latent"):
+        vae = _root_.get("vae")
+        if vae is None:
+            raise ConfigError("data.latent=true needs a VAE: add vae=sd_vae_ft_ema (or vae=sd_vae_ft_mse)")
+        from diffusion.latent import vae_downsample
+
+        side *= vae_downsample(vae.name_or_path, vae.cache_dir)
+    return side
+
+
 def register_resolvers() -> None:
-    for name, resolver, cache in [("launch_time", launch_time, True), ("per_gpu", per_gpu, False)]:
+    for name, resolver, cache in [
+        ("launch_time", launch_time, True),
+        ("per_gpu", per_gpu, False),
+        ("follow_model", follow_model, False),
+    ]:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver, use_cache=cache)

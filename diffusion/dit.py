@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from diffusion.errors import ConfigError
 from diffusion.unet import timestep_embedding
 
 # Width of the fixed sinusoidal timestep features fed to the timestep MLP (not a constructor argument in DiT).
@@ -258,6 +259,42 @@ class DiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
+    @classmethod
+    def fit_to_data(cls, config: dict, data, learn_sigma: bool) -> dict:
+        """
+        The constructor config with the values only the run knows (see UNetModel.fit_to_data): ``in_channels``
+        from the data (a latent data set's are the VAE's latent channels), ``num_classes`` from its labels, and
+        whether the diffusion learns its variance. ``num_classes`` 0 (or null) keeps the DiT unconditional.
+
+        :param config: the model group's config as a plain dict (with ``_target_``).
+        :param data: a dataset with ``image_size`` (a latent data set's is the latent side, with
+            ``pixel_image_size`` and ``downsample``), ``channels`` and ``num_classes``.
+        :raises ConfigError: when the data cannot feed this network; the message names the keys to change.
+        """
+        side = config["input_size"]
+        if side != data.image_size:
+            if hasattr(data, "pixel_image_size"):
+                factor = data.downsample
+                raise ConfigError(
+                    f"model.input_size={side} but the VAE turns data.image_size={data.pixel_image_size} images "
+                    f"into {data.image_size}x{data.image_size} latents ({factor}x smaller): set "
+                    f"data.image_size={side * factor} or model.input_size={data.image_size} (data.image_size "
+                    "follows the model unless overridden)"
+                )
+            raise ConfigError(
+                f"model.input_size={side} but data.image_size={data.image_size}: set both to the same value "
+                "(data.image_size follows the model unless overridden)"
+            )
+        config = {**config, "in_channels": data.channels, "learn_sigma": learn_sigma}
+        if config.get("num_classes"):
+            if data.num_classes < 1:
+                raise ConfigError(
+                    f"model.num_classes={config['num_classes']} but the data has no labels: set "
+                    "model.num_classes=0 model.class_dropout_prob=0 for an unconditional DiT"
+                )
+            config["num_classes"] = data.num_classes
+        return config
+
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """DiT's initialisation: xavier-uniform Linear weights and zero biases, N(0, 0.02) label table and
@@ -401,30 +438,30 @@ def _check_arguments(
         num_heads=num_heads,
     ).items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise ConfigError(f"{name} must be a positive int, got {value!r}")
     if input_size % patch_size:
-        raise ValueError(
+        raise ConfigError(
             f"input_size={input_size} is not divisible by patch_size={patch_size}: choose a patch size that "
             "divides the input side"
         )
     if hidden_size % num_heads:
-        raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+        raise ConfigError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
     if hidden_size % 4:
-        raise ValueError(
+        raise ConfigError(
             f"hidden_size={hidden_size} must be divisible by 4 (the 2-D sin-cos position table's four parts)"
         )
     if not (
         isinstance(mlp_ratio, int | float) and math.isfinite(mlp_ratio) and int(hidden_size * mlp_ratio) >= 1
     ):
-        raise ValueError(
+        raise ConfigError(
             f"mlp_ratio must be positive (MLP width int(hidden_size * mlp_ratio) >= 1), got {mlp_ratio!r}"
         )
     if not 0.0 <= class_dropout_prob < 1.0:
-        raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+        raise ConfigError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
-        raise ValueError(f"num_classes must be an int >= 0 (0 or None: unconditional), got {num_classes!r}")
+        raise ConfigError(f"num_classes must be an int >= 0 (0 or None: unconditional), got {num_classes!r}")
     if not num_classes and class_dropout_prob > 0:
-        raise ValueError(
+        raise ConfigError(
             f"class_dropout_prob={class_dropout_prob} needs labels, but num_classes={num_classes} makes the DiT "
             "unconditional: set class_dropout_prob=0 (or give num_classes)"
         )

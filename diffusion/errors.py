@@ -30,14 +30,17 @@ def find_user_error(e: BaseException) -> UserError | None:
     """The UserError behind ``e``, or None for a bug.
 
     ``hydra.utils.instantiate`` wraps what a constructor raises in an InstantiationException (the cause); the
-    message that names the bad value is the original one.
+    message that names the bad value is the original one. OmegaConf keeps what a resolver raised (e.g.
+    ``${follow_model:}`` finding no VAE) only as the context of its InterpolationResolutionError.
     """
+    from omegaconf.errors import InterpolationResolutionError
+
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, UserError):
             return e
         seen.add(id(e))
-        e = e.__cause__
+        e = e.__cause__ or (e.__context__ if isinstance(e, InterpolationResolutionError) else None)
     return None
 
 

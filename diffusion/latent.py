@@ -25,8 +25,10 @@ is refused with one line (or rebuilt on request), never reused.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -37,6 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from diffusion.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # DiT's (and Stable Diffusion v1's) latent scaling: unit-ish variance for the diffusion model.
 SCALE_FACTOR = 0.18215
@@ -49,7 +55,7 @@ _ARRAYS = ("mean.npy", "std.npy", "labels.npy")
 STORAGE_DTYPES = ("float32", "float16")
 
 
-class LatentError(ValueError):
+class LatentError(ConfigError):
     """A user-fixable problem with the VAE or a latent cache; the message says what to change."""
 
 
@@ -91,6 +97,13 @@ class LatentVAE:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
+
+    def on(self, device: torch.device | str) -> LatentVAE:
+        """This VAE if it is on ``device``, else a copy there (the original stays where it is: the data loader
+        may be encoding with it)."""
+        if torch.device(device) == self.device:
+            return self
+        return LatentVAE(copy.deepcopy(self.vae).to(device), self.name, self.scale_factor)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LatentVAE:
         """Move the autoencoder (in place); a dtype change changes the fingerprint (the latents change too)."""
@@ -184,6 +197,64 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.exists(name)
 
 
+def _locate(name_or_path: str) -> tuple[str, bool]:
+    """(what to open, whether it is a local directory) for a VAE name, short name or path."""
+    name = VAE_NAMES.get(name_or_path, name_or_path)
+    local = os.path.expanduser(name)
+    if os.path.isdir(local) or _looks_like_path(name):
+        return local, True
+    return name, False
+
+
+def _not_in_cache(name: str, cache_dir: str | None) -> VAENotFoundError:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    where = cache_dir or HF_HUB_CACHE
+    return VAENotFoundError(
+        f"VAE {name!r} is not in the Hugging Face cache {where} (it is never downloaded during a run): run "
+        f"`hf download {name}` (older clients: `huggingface-cli download {name}`) where there is internet "
+        f"and copy {where} here, or `hf download {name} --local-dir DIR` and pass DIR as the VAE path "
+        "(vae.name_or_path=DIR)"
+    )
+
+
+def _no_config(local: str) -> VAENotFoundError:
+    return VAENotFoundError(
+        f"VAE directory {local} has no config.json: point it at a folder written by diffusers' "
+        f"AutoencoderKL.save_pretrained (config.json + diffusion_pytorch_model.safetensors), e.g. "
+        f"`hf download {DEFAULT_VAE} --local-dir {local}`"
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def vae_config(name_or_path: str = DEFAULT_VAE, cache_dir: str | None = None) -> dict[str, Any]:
+    """
+    The VAE's ``config.json`` (diffusers' AutoencoderKL config), read offline without loading the weights: what
+    the config needs before any work (the downsampling factor that turns a model's latent side into the data's
+    image side).
+
+    :raises VAENotFoundError: as :func:`load_vae`.
+    """
+    where, is_dir = _locate(name_or_path)
+    if is_dir:
+        path = os.path.join(where, "config.json")
+        if not os.path.isfile(path):
+            raise _no_config(where)
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(where, "config.json", cache_dir=cache_dir)
+        if not isinstance(path, str):
+            raise _not_in_cache(where, cache_dir)
+    with open(path) as f:
+        return json.load(f)
+
+
+def vae_downsample(name_or_path: str = DEFAULT_VAE, cache_dir: str | None = None) -> int:
+    """How many pixels one latent covers per side: 2 ** (encoder levels - 1), 8 for Stable Diffusion's VAE."""
+    return 2 ** (len(vae_config(name_or_path, cache_dir)["block_out_channels"]) - 1)
+
+
 def load_vae(
     name_or_path: str = DEFAULT_VAE,
     cache_dir: str | None = None,
@@ -194,7 +265,7 @@ def load_vae(
     """
     Open a VAE offline (``local_files_only=True``): a directory in diffusers' format (``config.json`` and
     ``diffusion_pytorch_model.safetensors``, as ``save_pretrained`` writes), or a Hugging Face name found in the
-    cache. Nothing is downloaded.
+    cache. Nothing is downloaded. The ``vae`` config group builds it.
 
     :param name_or_path: a directory, a Hugging Face name (``stabilityai/sd-vae-ft-ema``, the default, or
         ``stabilityai/sd-vae-ft-mse``), or the short names ``ema`` / ``mse``.
@@ -204,22 +275,15 @@ def load_vae(
     """
     from diffusers import AutoencoderKL
 
-    name = VAE_NAMES.get(name_or_path, name_or_path)
-    local = os.path.expanduser(name)
-    is_dir = os.path.isdir(local) or _looks_like_path(name)
-    if is_dir:
-        if not os.path.isfile(os.path.join(local, "config.json")):
-            raise VAENotFoundError(
-                f"VAE directory {local} has no config.json: point it at a folder written by diffusers' "
-                f"AutoencoderKL.save_pretrained (config.json + diffusion_pytorch_model.safetensors), e.g. "
-                f"`hf download {DEFAULT_VAE} --local-dir {local}`"
-            )
+    where, is_dir = _locate(name_or_path)
+    if is_dir and not os.path.isfile(os.path.join(where, "config.json")):
+        raise _no_config(where)
     try:
         with warnings.catch_warnings():
             # diffusers passes huggingface_hub an argument it deprecated; not the user's concern.
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
             vae = AutoencoderKL.from_pretrained(
-                local if is_dir else name,
+                where,
                 local_files_only=True,
                 cache_dir=cache_dir,
                 torch_dtype=dtype,
@@ -227,16 +291,9 @@ def load_vae(
             )
     except OSError as e:
         if is_dir:
-            raise VAENotFoundError(f"VAE directory {local} could not be read: {e}".splitlines()[0]) from e
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        where = cache_dir or HF_HUB_CACHE
-        raise VAENotFoundError(
-            f"VAE {name!r} is not in the Hugging Face cache {where} (it is never downloaded during a run): run "
-            f"`hf download {name}` (older clients: `huggingface-cli download {name}`) where there is internet "
-            f"and copy {where} here, or `hf download {name} --local-dir DIR` and pass DIR as the VAE path"
-        ) from e
-    return LatentVAE(vae.to(device), name=name, scale_factor=scale_factor)
+            raise VAENotFoundError(f"VAE directory {where} could not be read: {e}".splitlines()[0]) from e
+        raise _not_in_cache(where, cache_dir) from e
+    return LatentVAE(vae.to(device), name=where, scale_factor=scale_factor)
 
 
 def check_latent_channels(vae: LatentVAE, in_channels: int) -> None:
@@ -453,12 +510,7 @@ def build_latent_cache(
         raise LatentError(f"batch_size must be >= 1, got {batch_size}")
     path = Path(path).expanduser().absolute()
     flips = bool(getattr(dataset, "random_flip", False)) if flips is None else flips
-    channels = getattr(dataset, "channels", vae.image_channels)
-    if channels != vae.image_channels:
-        raise LatentError(
-            f"the data set has {channels}-channel images, the VAE {vae.name!r} encodes {vae.image_channels}: "
-            f"set data.channels={vae.image_channels}"
-        )
+    _check_image_channels(dataset, vae)
     meta = latent_cache_metadata(dataset, vae, flips)
     if (path / _META).is_file():
         try:
@@ -543,7 +595,7 @@ class LatentDataset(Dataset):
             if diffs:
                 raise LatentCacheMismatch(
                     f"latent cache {self.path} was made with another setting ({'; '.join(diffs)}): rebuild it "
-                    "(rebuild=True) or use another cache directory"
+                    "(`python -m diffusion.latent_cache ... rebuild=true`) or use another cache directory"
                 )
         self.flips = bool(self.meta["flips"])
         if random_flip and not self.flips:
@@ -562,6 +614,8 @@ class LatentDataset(Dataset):
         self.pixel_image_size = int(self.meta["image_size"])
         self.vae_name = self.meta["vae"]["name"]
         self.scale_factor = float(self.meta["vae"]["scale_factor"])
+        self.downsample = int(self.meta["vae"]["downsample"])
+        self.vae: LatentVAE | None = None  # the VAE that decodes these latents, where the reader attached it
 
     def _open(self) -> None:
         # Memory maps: every rank and DataLoader worker shares the page cache instead of holding a copy.
@@ -596,3 +650,102 @@ class LatentDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.load(index, np.random.default_rng())
+
+
+class EncodedDataset(Dataset):
+    """
+    A pixel data set's latents, encoded image by image as the loader reads them (``data.latent=true`` without a
+    cache).
+
+    Items are those of :class:`LatentDataset`: ``(mean + std * noise) * scale_factor`` of the VAE's posterior,
+    the noise drawn from the item's generator after the data set's own augmentation drew from it (a flip) -- the
+    same draws in the same order as a LatentDataset makes on a cache of the same data, so both give the same
+    latents (up to the encoder's rounding in another batch size), and a resumed run sees the same ones.
+
+    Encoding runs on the CPU in the loader's processes: right for small images and trials. For ImageNet-size
+    data, encode once on a GPU into a cache (``python -m diffusion.latent_cache``).
+
+    :param dataset: a data set of (x, y) items, x a float [C x H x W] Tensor in [-1, 1].
+    :param vae: the VAE (on the CPU).
+    """
+
+    def __init__(self, dataset: Dataset, vae: LatentVAE):
+        _check_image_channels(dataset, vae)
+        self.dataset = dataset
+        self.vae = vae
+        self.pixel_image_size = int(dataset.image_size)
+        self.image_size = vae.latent_size(self.pixel_image_size)
+        self.channels = vae.latent_channels
+        self.downsample = vae.downsample
+        self.scale_factor = vae.scale_factor
+        self.num_classes = int(getattr(dataset, "num_classes", 0))
+        self.class_names = list(getattr(dataset, "class_names", []))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, index: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        :return: (x, y): a float32 [latent_channels x latent_size x latent_size] Tensor and an int64 label.
+        """
+        load = getattr(self.dataset, "load", None)
+        x, y = load(index, rng) if load is not None else self.dataset[index]
+        mean, std = (v[0].float().cpu().numpy() for v in self.vae.posterior(x[None]))
+        noise = rng.standard_normal(mean.shape, dtype=np.float32)
+        return torch.from_numpy((mean + std * noise) * np.float32(self.scale_factor)), y
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.load(index, np.random.default_rng())
+
+
+def _check_image_channels(dataset: Dataset, vae: LatentVAE) -> None:
+    channels = getattr(dataset, "channels", vae.image_channels)
+    if channels != vae.image_channels:
+        raise LatentError(
+            f"the data set has {channels}-channel images, the VAE {vae.name!r} encodes {vae.image_channels}: "
+            f"set data.channels={vae.image_channels}"
+        )
+
+
+def latent_training_data(dataset: Dataset, vae: LatentVAE | Any, cache: str | os.PathLike | None) -> Dataset:
+    """
+    What ``data.latent=true`` trains on: the latents of ``dataset``, read from the cache directory ``cache``
+    (written by ``python -m diffusion.latent_cache``) or, without one, encoded on the fly (:class:`EncodedDataset`).
+    The result has the VAE as its ``vae`` attribute, so that samples can be decoded.
+
+    :param vae: the VAE, or the ``vae`` group's config that loads it (on the CPU).
+    :raises LatentError: no cache at ``cache``, or one made with another VAE, image size, data set or flip
+        setting (:class:`LatentCacheMismatch`); the message names the fields and the command that (re)writes it.
+    """
+    if vae is None:
+        raise LatentError("data.latent=true needs a VAE: add vae=sd_vae_ft_ema (or vae=sd_vae_ft_mse)")
+    if not isinstance(vae, LatentVAE):
+        from diffusion.config import build
+
+        vae = build(vae)
+    _check_image_channels(dataset, vae)
+    if cache is None:
+        log.info("latents encoded on the fly by the VAE %s (no data.latent_cache)", vae.name)
+        return EncodedDataset(dataset, vae)
+    path = Path(cache).expanduser().absolute()
+    if not (path / _META).is_file():
+        raise LatentError(
+            f"no latent cache at {path}: write it first with `python -m diffusion.latent_cache` and the same data and "
+            f"vae overrides plus data.latent_cache={cache}, or drop data.latent_cache to encode on the fly"
+        )
+    _unaugmented(dataset)  # a cache cannot hold random crops: refused with one line
+    flips = bool(getattr(dataset, "random_flip", False))
+    latents = LatentDataset(path, expect=latent_cache_metadata(dataset, vae, flips))
+    latents.vae = vae
+    log.info("latents of %d images from the cache %s (VAE %s)", len(latents), path, vae.name)
+    return latents
+
+
+def latent_solver(solver: Any) -> Any:
+    """``solver`` without clamping its x0 predictions to [-1, 1]: latents are not bounded (DiT samples with
+    clip_denoised=False); a copy, the given solver is left as it is."""
+    if not getattr(solver, "clip_denoised", False):
+        return solver
+    unclipped = copy.copy(solver)
+    unclipped.clip_denoised = False
+    return unclipped

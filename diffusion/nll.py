@@ -118,6 +118,11 @@ def _evaluate(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict | None:
     if cfg.seed < 0:
         raise SamplingError(f"seed={cfg.seed}: must be >= 0")
     model, diffusion, info = load_model(cfg)
+    if info.get("vae") is not None:
+        raise SamplingError(
+            f"{cfg.checkpoint} models the VAE latents of its images (data.latent=true): bits/dim is computed "
+            "on pixels, for pixel-space models only"
+        )
     hw = sampling_hardware(cfg.hardware, info["channels_last"], env.local_rank)
     loader, num_batches = _loader(cfg, _dataset(cfg, model), env)
     model = hw.prepare_model(model)

@@ -28,6 +28,7 @@ from diffusion.distributed import DistEnv, barrier, cleanup_distributed, init_di
 from diffusion.errors import UserError
 from diffusion.guidance import classifier_cond_fn
 from diffusion.images import save_grid, to_uint8
+from diffusion.latent import latent_solver
 from diffusion.solvers import check_guidance, generate
 from diffusion.unet import EncoderUNetModel, SuperResModel
 
@@ -75,7 +76,8 @@ def _read_checkpoint(cfg: DictConfig) -> tuple[DictConfig, DictConfig, dict, dic
                 f"{cfg.checkpoint} is a plain state dict (such as OpenAI's releases): name its network and "
                 "process, e.g. model=unet_256 diffusion=adm"
             )
-        return cfg.model, cfg.diffusion, state, {"class_names": [], "step": None, "channels_last": None}
+        info = {"class_names": [], "step": None, "channels_last": None, "vae": cfg.get("vae")}
+        return cfg.model, cfg.diffusion, state, info
     if state["format_version"] != ckpt.FORMAT_VERSION:
         ckpt.load_checkpoint(cfg.checkpoint)  # raises the explanation of the version mismatch
     if cfg.model is not None or cfg.diffusion is not None:
@@ -89,8 +91,22 @@ def _read_checkpoint(cfg: DictConfig) -> tuple[DictConfig, DictConfig, dict, dic
         "class_names": state.get("class_names", []),
         "step": state["step"],
         "channels_last": run_cfg.hardware.get("channels_last"),  # None: the run left it to the device
+        "vae": _checkpoint_vae(cfg, run_cfg),
     }
     return OmegaConf.create(state["model_config"]), run_cfg.diffusion, weights, info
+
+
+def _checkpoint_vae(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig | None:
+    """The VAE that decodes a project checkpoint's samples: its run's (data.latent=true), or ``cfg.vae`` where
+    this machine keeps it elsewhere; None in pixel space."""
+    latent = run_cfg.get("data") is not None and run_cfg.data.get("latent")
+    if not latent:
+        if cfg.get("vae") is not None:
+            raise SamplingError(
+                f"{cfg.checkpoint} was trained in pixel space (data.latent=false): drop the vae=... override"
+            )
+        return None
+    return cfg.vae if cfg.get("vae") is not None else run_cfg.vae
 
 
 def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, object, dict]:
@@ -98,7 +114,8 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, object, dict]:
 
     :param cfg: a node with checkpoint, model, diffusion, use_ema and ema_rate (``sample.yaml``, ``nll.yaml``).
     :return: (model in eval mode on the CPU, diffusion, info) where info holds ``class_names``, the
-        checkpoint ``step`` and the ``channels_last`` its run set explicitly (both None for a plain state dict).
+        checkpoint ``step`` and the ``channels_last`` its run set explicitly (both None for a plain state dict),
+        and ``vae``, the config of the VAE that decodes a latent model's samples (None in pixel space).
     """
     model_cfg, diffusion_cfg, weights, info = _read_checkpoint(cfg)
     if is_classifier(model_cfg):
@@ -146,7 +163,7 @@ def class_labels(
     """The class of every requested image, a LongTensor [num_samples]: ``classes`` cycled, or all classes in
     turn; None for an unconditional model without a classifier (with one, the classes are the classifier's).
     Also checks that ``guidance_scale`` suits the model."""
-    check_guidance(model, cfg.guidance_scale)
+    check_guidance(model, cfg.guidance_scale, cfg.get("guidance_style", "all"))
     num_classes, whose = model.num_classes, "the model's"
     if not num_classes and classifier is not None:
         num_classes, whose = classifier.num_classes, "the classifier's"
@@ -162,6 +179,24 @@ def class_labels(
     if bad:
         raise SamplingError(f"classes {bad} are outside {whose} range 0..{num_classes - 1}")
     return torch.tensor(base).repeat(cfg.num_samples // len(base) + 1)[: cfg.num_samples]
+
+
+def latent_decoder(vae_cfg: DictConfig | None, model: torch.nn.Module, device: torch.device):
+    """The VAE (a diffusion.latent.LatentVAE on ``device``) that decodes a latent model's samples, or None in
+    pixel space. SamplingError for a model whose outputs cannot be images without one (not 1 or 3 channels) and
+    for a VAE whose latents are not the model's."""
+    if vae_cfg is None:
+        if model.in_channels not in (1, 3):
+            raise SamplingError(
+                f"the model makes {model.in_channels}-channel samples, which are latents, not images: name the VAE "
+                "that decodes them, e.g. vae=sd_vae_ft_ema (DiT's released models: sd_vae_ft_ema or sd_vae_ft_mse)"
+            )
+        return None
+    from diffusion.latent import check_latent_channels
+
+    vae = build(vae_cfg, device=device)
+    check_latent_channels(vae, model.in_channels)
+    return vae
 
 
 def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
@@ -221,6 +256,11 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
     labels = class_labels(cfg, model, classifier) if base is None else base[1]
     solver = build(cfg.solver)
     solver.check(diffusion)
+    vae = latent_decoder(info["vae"], model, hw.device)
+    if vae is not None:
+        # Latents are not bounded to [-1, 1]: x0 is not clamped (DiT samples with clip_denoised=False).
+        solver = latent_solver(solver)
+        log.info("latent model: samples are decoded by the VAE %s", vae.name)
     model = hw.prepare_model(model)
     if classifier is not None:
         classifier = hw.prepare_model(classifier)
@@ -230,7 +270,7 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
     start = time.perf_counter()
     mine = list(range(env.rank, cfg.num_samples, env.world_size))
     low_res = None if base is None else base[0]
-    shard = _generate_shard(cfg, model, diffusion, solver, labels, mine, hw, env, classifier, low_res)
+    shard = _generate_shard(cfg, model, diffusion, solver, labels, mine, hw, env, classifier, low_res, vae)
     run_dir.mkdir(parents=True, exist_ok=True)
     np.save(run_dir / f".shard_{env.rank}.npy", shard)
     barrier()
@@ -253,11 +293,15 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
 
 
 def _generate_shard(
-    cfg, model, diffusion, solver, labels, mine, hw, env, classifier=None, low_res=None
+    cfg, model, diffusion, solver, labels, mine, hw, env, classifier=None, low_res=None, vae=None
 ) -> np.ndarray:
     """This rank's images, uint8 [len(mine) x H x W x C], in batches of ``cfg.batch_size``; ``classifier``
-    guides towards ``labels``, ``low_res`` ([num_samples x C x h x w]) is a super-resolution model's input."""
-    images = [np.zeros((0, model.image_size, model.image_size, model.in_channels), np.uint8)]
+    guides towards ``labels``, ``low_res`` ([num_samples x C x h x w]) is a super-resolution model's input, and
+    a latent model's samples are decoded by ``vae``."""
+    side, channels = model.image_size, model.in_channels
+    if vae is not None:
+        side, channels = side * vae.downsample, vae.image_channels
+    images = [np.zeros((0, side, side, channels), np.uint8)]
     bar = tqdm(total=len(mine), desc="sampling", unit="img", disable=not env.is_main)
     for b in range(0, len(mine), cfg.batch_size):
         idx = mine[b : b + cfg.batch_size]
@@ -269,7 +313,10 @@ def _generate_shard(
             model, diffusion, solver, idx, cfg.seed, hw.device, y if model.num_classes else None,
             cfg.guidance_scale, autocast=hw.autocast(), cond_fn=cond_fn,
             model_kwargs=None if low_res is None else {"low_res": low_res[idx].to(hw.device)},
+            guidance_style=cfg.get("guidance_style", "all"),
         )  # fmt: skip
+        if vae is not None:
+            x = vae.decode(x)
         images.append(to_uint8(x))
         bar.update(len(idx))
     bar.close()

@@ -313,21 +313,59 @@ def guided(model: Callable[..., Tensor], scale: float, null_class: int) -> Calla
     return forward
 
 
-def check_guidance(model: torch.nn.Module, guidance_scale: float) -> None:
-    """ValueError unless ``guidance_scale`` is usable with ``model`` (1 = off always is)."""
+def dit_guided(model: Callable[..., Tensor], scale: float, null_class: int) -> Callable[..., Tensor]:
+    """DiT's own classifier-free guidance (``guidance_style=dit``), for DiT's published numbers: the network's
+    ``forward_with_cfg`` on the batch laid out as DiT's sample.py lays it out (the images twice, the labels then
+    the null label), of which the first half is kept. It guides eps channels 0-2 only; the fourth latent
+    channel and the variance channels are the conditional prediction's (see DiT.forward_with_cfg).
+
+    :param model: a network with DiT's ``forward_with_cfg(x, t, y, cfg_scale)``.
+    """
+
+    def forward(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        if y is None:
+            raise ValueError("classifier-free guidance needs class labels y")
+        y2 = torch.cat([y, torch.full_like(y, null_class)])
+        return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), y=y2, cfg_scale=scale)[: len(x)]
+
+    return forward
+
+
+# How classifier-free guidance combines the two predictions, by sample.py's guidance_style.
+GUIDANCE_STYLES: dict[str, Callable[[Callable[..., Tensor], float, int], Callable[..., Tensor]]] = {
+    "all": guided,
+    "dit": dit_guided,
+}
+
+
+def _dropout_field(model: torch.nn.Module) -> str:
+    """The config key of the label dropout that trains the null class, in the model's own vocabulary."""
+    return "model.class_dropout_prob" if hasattr(model, "class_dropout_prob") else "model.label_dropout"
+
+
+def check_guidance(model: torch.nn.Module, guidance_scale: float, guidance_style: str = "all") -> None:
+    """ValueError unless ``guidance_scale`` (and ``guidance_style``) is usable with ``model`` (1 = off always
+    is)."""
     if guidance_scale < 0:
         raise ConfigError(f"guidance_scale={guidance_scale}: must be >= 0 (1 = off, 0 = unconditional)")
+    if guidance_style not in GUIDANCE_STYLES:
+        raise ConfigError(f"guidance_style={guidance_style!r}: use one of {list(GUIDANCE_STYLES)}")
     if guidance_scale == 1.0:
         return
     if not getattr(model, "num_classes", None):
         raise ConfigError(
             f"guidance_scale={guidance_scale} needs a class-conditional model trained with "
-            "model.label_dropout > 0; this model is unconditional: use guidance_scale=1"
+            f"{_dropout_field(model)} > 0; this model is unconditional: use guidance_scale=1"
         )
     if getattr(model, "null_class", None) is None:
         raise ConfigError(
             f"guidance_scale={guidance_scale} needs a model trained with classifier-free guidance "
-            "(model.label_dropout > 0); this one has no null class: use guidance_scale=1"
+            f"({_dropout_field(model)} > 0); this one has no null class: use guidance_scale=1"
+        )
+    if guidance_style == "dit" and not hasattr(model, "forward_with_cfg"):
+        raise ConfigError(
+            f"guidance_style=dit is DiT's forward_with_cfg, which {type(model).__name__} does not have: use "
+            "guidance_style=all"
         )
 
 
@@ -379,6 +417,7 @@ def generate(
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
     cond_fn: CondFn | None = None,
     model_kwargs: dict | None = None,
+    guidance_style: str = "all",
 ) -> Tensor:
     """Generate the images with the given global indices: a float [N x C x H x W] Tensor in [-1, 1].
 
@@ -395,9 +434,11 @@ def generate(
         scale)``), passed to the solver; it combines with classifier-free guidance.
     :param model_kwargs: further per-image network inputs, e.g. ``{"low_res": [N x C x h x w]}`` for a
         SuperResModel.
+    :param guidance_style: how guidance combines the predictions: "all" (:func:`guided`, every eps channel) or
+        "dit" (:func:`dit_guided`, DiT's forward_with_cfg).
     """
     indices = list(indices)
-    check_guidance(model, guidance_scale)
+    check_guidance(model, guidance_scale, guidance_style)
     if classes is not None and len(classes) != len(indices):
         raise ValueError(f"classes has {len(classes)} labels for {len(indices)} images")
     if classes is not None and not model.num_classes:
@@ -410,7 +451,7 @@ def generate(
     if classes is not None:
         kwargs["y"] = classes.to(device)
         if guidance_scale != 1.0:
-            net = guided(model, guidance_scale, model.null_class)
+            net = GUIDANCE_STYLES[guidance_style](model, guidance_scale, model.null_class)
     with autocast if autocast is not None else contextlib.nullcontext():
         x = solver(net, diffusion, x_T, model_kwargs=kwargs, noise=noise, callback=callback, cond_fn=cond_fn)
     return x.float()

@@ -110,6 +110,7 @@ class DiffusionTask(Task):
         super().__init__(diffusion, sampler)
         self.solver = solver
         self.class_cond = False
+        self.vae = None  # latent data's VAE (diffusion.latent.LatentVAE): grids are decoded through it
 
     def build_model(self, model_cfg: DictConfig, data) -> tuple[nn.Module, dict]:
         """The configured network with the data's channels and classes and the process's output channels.
@@ -126,6 +127,7 @@ class DiffusionTask(Task):
             )
         model = build(config)
         self.class_cond = model.num_classes is not None
+        self.vae = getattr(data, "vae", None)
         return model, config
 
     def losses(self, net: nn.Module, x: Tensor, y: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
@@ -142,9 +144,18 @@ class DiffusionTask(Task):
         if self.solver is None:
             return None
         classes = torch.arange(n) % model.num_classes if model.num_classes else None
-        return generate(
-            model, self.diffusion, self.solver, range(n), seed, hw.device, classes, autocast=hw.autocast()
-        )
+        if self.vae is None:
+            return generate(
+                model, self.diffusion, self.solver, range(n), seed, hw.device, classes, autocast=hw.autocast()
+            )
+        from diffusion.latent import latent_solver
+
+        z = generate(
+            model, self.diffusion, latent_solver(self.solver), range(n), seed, hw.device, classes,
+            autocast=hw.autocast(),
+        )  # fmt: skip
+        self.vae = self.vae.on(hw.device)  # decoded where the model runs; the loader keeps its own copy
+        return self.vae.decode(z)
 
 
 class SuperResTask(DiffusionTask):

@@ -74,7 +74,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
     log.info("rank %d/%d on %s; run directory %s", env.rank, env.world_size, hw, run_dir)
 
     # Data: each rank reads its shard of every global batch.
-    dataset = build_dataset(cfg.data, cache_dir=run_dir)
+    dataset = build_dataset(cfg.data, cache_dir=run_dir, vae=cfg.vae)
     loader = InfiniteLoader(
         dataset,
         plan.per_rank,
@@ -488,12 +488,19 @@ class TrainState:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def build_dataset(data_cfg: DictConfig, cache_dir: Path | None = None):
-    """The dataset of the ``data`` group (its loader keys left out); ``cache_dir`` where the class takes one."""
+def build_dataset(data_cfg: DictConfig, cache_dir: Path | None = None, vae: DictConfig | None = None):
+    """The dataset of the ``data`` group (its loader keys left out); ``cache_dir`` where the class takes one.
+    With ``data.latent`` its latents under the ``vae`` group's VAE (diffusion/latent.py)."""
     fields = {k: v for k, v in data_cfg.items() if k not in LOADER_KEYS}
     if cache_dir is not None and "_target_" in fields and fields["_target_"].endswith("ImageFolder"):
-        return build(fields, cache_dir=str(cache_dir))
-    return build(fields)
+        dataset = build(fields, cache_dir=str(cache_dir))
+    else:
+        dataset = build(fields)
+    if not data_cfg.get("latent"):
+        return dataset
+    from diffusion.latent import latent_training_data
+
+    return latent_training_data(dataset, vae, data_cfg.latent_cache)
 
 
 def build_task(cfg: DictConfig) -> Task:

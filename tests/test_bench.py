@@ -201,7 +201,7 @@ def test_quick_run_reports_every_part(tmp_path):
     assert train["params_m"] == pytest.approx(sum(p.numel() for p in expected.model.parameters()) / 1e6)
     assert train["gflop_per_step"] == pytest.approx(bench.train_flops(expected) / 1e9)
     assert train["gflops"] == pytest.approx(train["gflop_per_step"] / train["step_s"])
-    assert train["of_ceiling"] == pytest.approx(train["gflops"] / train["conv_ceiling_gflops"])
+    assert train["of_ceiling"] == pytest.approx(train["gflops"] / train["ceiling_gflops"])
     assert train["mfu"] == pytest.approx(train["gflops"] / 500)  # over --peak-tflops 0.5
     assert {r["solver"] for r in rows if r["section"] == "sampling"} == {"DDPM", "DDIM", "DPMSolverPP"}
     assert all(r["images_per_s"] > 0 for r in rows if "images_per_s" in r)

@@ -100,6 +100,7 @@ def test_help_and_cfg_job():
     listed = dict(line.split(": ", 1) for line in groups.splitlines() if ": " in line)
     assert set(listed) == {
         "model", "diffusion", "data", "optim", "sampler", "hardware", "logger", "solver", "task", "experiment",
+        "vae",
     }  # fmt: skip
     assert "unet_256_uncond" in listed["model"] and "dpm_solver" in listed["solver"]
     # Only options a user can pick: the schemas the options extend are not listed anywhere.

@@ -13,11 +13,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError
 
-from diffusion.config import component_schemas
+from diffusion.config import LOADER_KEYS, component_schemas
 
 from conftest import CONF, ROOT, compose_cfg
 
-GROUPS = ["model", "diffusion", "data", "optim", "sampler", "hardware", "logger", "solver", "task"]
+GROUPS = ["model", "diffusion", "data", "optim", "sampler", "hardware", "logger", "solver", "task", "vae"]
 RELEASED = {
     "unet_64": "64x64_diffusion",
     "unet_128": "128x128_diffusion",
@@ -80,9 +80,9 @@ def test_schemas_take_their_defaults_from_the_constructors():
 @pytest.mark.parametrize("name", options("model"))
 def test_model_presets_instantiate(name):
     cfg = compose_cfg([f"model={name}"])
-    with torch.device("meta"):  # the released networks have up to 560M parameters: no memory on meta
+    with torch.device("meta"):  # the released networks have up to 675M parameters: no memory on meta
         model = instantiate(cfg.model)
-    assert model.image_size == cfg.model.image_size
+    assert model.image_size == cfg.model.get("image_size", cfg.model.get("input_size"))  # UNet / DiT
     if "learn_sigma" in cfg.model:  # a diffusion network
         assert model.out_channels == model.in_channels * (2 if cfg.model.learn_sigma else 1)
     else:  # a noisy-image classifier
@@ -180,9 +180,7 @@ def test_loggers(name, tmp_path):
 
 def test_data_digits():
     cfg = compose_cfg(["data=digits", "model=unet_digits"])
-    ds = instantiate(
-        {k: v for k, v in cfg.data.items() if k not in ("batch_size", "microbatch", "num_workers")}
-    )
+    ds = instantiate({k: v for k, v in cfg.data.items() if k not in LOADER_KEYS})
     x, y = ds[0]
     assert (
         x.shape == (1, cfg.model.image_size, cfg.model.image_size)
@@ -201,7 +199,9 @@ def test_data_image_folder_and_cifar_compose(tmp_path):
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiments_compose(name):
     cfg = compose_cfg([f"experiment={name}"])
-    assert cfg.max_steps > 0 and cfg.model.image_size == cfg.data.image_size
+    assert (
+        cfg.max_steps > 0 and cfg.model.get("image_size", cfg.model.get("input_size")) == cfg.data.image_size
+    )
     if name == "digits":
         assert (
             cfg.optim.lr == 1e-3

@@ -24,7 +24,7 @@ from diffusion.latent import (
 )
 
 
-def save_tiny_vae(path, seed: int = 0) -> str:
+def save_tiny_vae(path, seed: int = 0, latent_channels: int = 4) -> str:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -35,7 +35,7 @@ def save_tiny_vae(path, seed: int = 0) -> str:
         up_block_types=("UpDecoderBlock2D",) * 2,
         block_out_channels=(8, 16),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=4,
         sample_size=8,
     )

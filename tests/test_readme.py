@@ -2,8 +2,11 @@
 
 Each line is run as written, with three kinds of change, all below and nothing else:
 - paths: ``/data/imagenet`` is a folder of 1000 class sub-folders of one small image each, ``outputs/...`` lies in a temporary
-  directory, and OpenAI's released files (``64x64_diffusion.pt``...) are random state dicts saved in their format
-  from the same presets at a CPU-sized width;
+  directory, and OpenAI's and DiT's released files (``64x64_diffusion.pt``, ``DiT-XL-2-256x256.pt``...) are random
+  state dicts saved in their format from the same presets at a CPU-sized width; ``/data/latents/...`` lies in the
+  temporary directory too, and a line in latent space (``data.latent``, ``vae=``, the latent cache command) gets
+  a tiny random VAE in diffusers' format (2x smaller sides, so its images are 64 px where SD's VAE makes them
+  256 px);
 - CPU-sized settings appended: a few steps, small batches, no W&B, a narrow network for the large presets;
 - the SLURM scripts are not run here: CI's ``.ci/run`` starts and stops the cluster around ``make test``.
 """
@@ -20,6 +23,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from PIL import Image
+from test_latent import save_tiny_vae
 
 from conftest import PYTHON, ROOT, TORCHRUN, compose_cfg, load_ckpt
 
@@ -30,9 +34,15 @@ SHRINK = {
     "unet_64": ["model.num_channels=32", "model.num_res_blocks=1", "model.num_head_channels=32"],
     "unet_128": ["model.num_channels=32", "model.num_res_blocks=1"],
     "unet_256": ["model.num_channels=32", "model.num_res_blocks=1"],
+    "dit_b_2": ["model.depth=1", "model.hidden_size=32", "model.num_heads=2"],
+    "dit_xl_2": ["model.depth=1", "model.hidden_size=32", "model.num_heads=2"],
 }
-# OpenAI's released files the README names, and the presets that build their layouts.
-RELEASED = {"64x64_diffusion.pt": "unet_64", "256x256_diffusion.pt": "unet_256"}
+# OpenAI's and DiT's released files the README names, and the presets that build their layouts.
+RELEASED = {
+    "64x64_diffusion.pt": "unet_64",
+    "256x256_diffusion.pt": "unet_256",
+    "DiT-XL-2-256x256.pt": "dit_xl_2",
+}
 TRAIN_SIZE = ["max_steps=2", "save_every=0", "log_every=1", "data.batch_size=4", "data.num_workers=0"]
 CPU = ["hardware=cpu", "logger=none"]
 
@@ -63,22 +73,32 @@ def workspace(tmp_path_factory) -> Path:
         with torch.device("cpu"):
             model = instantiate(compose_cfg([f"model={preset}", *SHRINK[preset]]).model)
         torch.save(model.state_dict(), root / filename)
-    for command in [c for c in COMMANDS if "hydra.run.dir=outputs/" in c]:
+    save_tiny_vae(root / "vae")
+    for cache in [c for c in COMMANDS if "diffusion.latent_cache" in c]:  # what the latent training lines read
+        _run(adapt(cache, root))
+    for command in [c for c in COMMANDS if "hydra.run.dir=outputs/" in c]:  # in README order: a cascade's inputs
         _run(adapt(command, root))
     return root
+
+
+def in_latent_space(words: list[str]) -> bool:
+    return any(w in ("data.latent=true", "diffusion.latent_cache") or w.startswith("vae=") for w in words)
 
 
 def adapt(command: str, root: Path) -> list[str]:
     """The README line as this machine runs it (see the module docstring)."""
     slug = str(COMMANDS.index(command))
     words = []
-    for word in shlex.split(command.replace("/data/imagenet", str(root / "data/imagenet"))):
+    command = command.replace("/data/imagenet", str(root / "data/imagenet"))
+    for word in shlex.split(command.replace("/data/latents", str(root / "data/latents"))):
         key, _, value = word.partition("=")
         if value.startswith("outputs/") or value in RELEASED:
             word = f"{key}={root / value}"
         words.append(word)
     script = next(w for w in words if w.endswith(".py") or w.startswith("diffusion."))
     extra = [o for w in words if w.startswith("model=") for o in SHRINK.get(w.split("=", 1)[1], [])]
+    if in_latent_space(words):
+        extra.append(f"vae.name_or_path={root / 'vae'}")
     if "--help" in words or "--cfg" in words:
         extra = []
     elif script == "train.py":
@@ -93,6 +113,8 @@ def adapt(command: str, root: Path) -> list[str]:
             extra.append(f"hydra.run.dir={root / 'samples' / slug}")
     elif script == "diffusion.nll":
         extra += ["num_batches=1", "data.batch_size=4", "hardware=cpu", f"hydra.run.dir={root / 'nll'}"]
+    elif script == "diffusion.latent_cache":
+        extra += ["hardware=cpu", "data.num_workers=0", f"hydra.run.dir={root / 'latent_cache'}"]
     launcher = {"python": [PYTHON], "torchrun": [TORCHRUN]}[words[0]]
     return launcher + words[1:] + extra
 
@@ -115,6 +137,10 @@ def test_the_block_has_the_commands_a_user_needs():
         "init_from=",
         "sample.py",
         "diffusion.nll",
+        "model=dit_",
+        "guidance_style=dit",
+        "diffusion.latent_cache",
+        "data.latent_cache=",
     ):
         assert any(piece in c for c in COMMANDS), piece
 
