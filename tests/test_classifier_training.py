@@ -15,8 +15,8 @@ from PIL import Image
 
 from diffusion import training
 from diffusion.data import Digits, ImageFolder, digits_split
-from diffusion.errors import UserError
 from diffusion.digit_judge import train_digit_classifier
+from diffusion.errors import UserError
 from diffusion.loggers import read_metrics_jsonl, read_wandb_history
 from diffusion.tasks import RunContext, classification_terms
 from diffusion.training import train
