@@ -74,9 +74,13 @@ def workspace(tmp_path_factory) -> Path:
             model = instantiate(compose_cfg([f"model={preset}", *SHRINK[preset]]).model)
         torch.save(model.state_dict(), root / filename)
     save_tiny_vae(root / "vae")
-    for cache in [c for c in COMMANDS if "diffusion.latent_cache" in c]:  # what the latent training lines read
+    for cache in [
+        c for c in COMMANDS if "diffusion.latent_cache" in c
+    ]:  # what the latent training lines read
         _run(adapt(cache, root))
-    for command in [c for c in COMMANDS if "hydra.run.dir=outputs/" in c]:  # in README order: a cascade's inputs
+    for command in [
+        c for c in COMMANDS if "hydra.run.dir=outputs/" in c
+    ]:  # in README order: a cascade's inputs
         _run(adapt(command, root))
     return root
 
