@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from diffusion.errors import ConfigError
+from diffusion.guidance import CondFn, condition_mean, condition_score
 
 Model = Callable[..., Tensor]
 
@@ -536,6 +537,7 @@ class GaussianDiffusion:
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
         model_kwargs: dict | None = None,
         noise: Tensor | None = None,
+        cond_fn: CondFn | None = None,
     ) -> dict[str, Tensor]:
         """
         One ancestral step x_t -> x_{t-1}; no noise is added where t == 0.
@@ -543,9 +545,12 @@ class GaussianDiffusion:
         :param x: an [N x C x ...] Tensor x_t.
         :param t: a LongTensor [N] of respaced timesteps.
         :param noise: optional standard normal noise like x.
-        :return: dict with "sample" (x_{t-1}) and "pred_xstart", each [N x C x ...].
+        :param cond_fn: classifier guidance (diffusion/guidance.py): shifts the mean by variance * gradient.
+        :return: dict with "sample" (x_{t-1}) and "pred_xstart" (unguided), each [N x C x ...].
         """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        if cond_fn is not None:
+            out = condition_mean(self, out, x, t, cond_fn)
         if noise is None:
             noise = torch.randn_like(x)
         sample = out["mean"] + _nonzero_mask(t, x) * torch.exp(0.5 * out["log_variance"]) * noise
@@ -561,6 +566,7 @@ class GaussianDiffusion:
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
         model_kwargs: dict | None = None,
         noise: Tensor | None = None,
+        cond_fn: CondFn | None = None,
     ) -> dict[str, Tensor]:
         """
         One DDIM step x_t -> x_{t-1} (Song et al. eq. 12); eta=0 is deterministic, eta=1 matches DDPM's variance.
@@ -568,11 +574,15 @@ class GaussianDiffusion:
         :param x: an [N x C x ...] Tensor x_t.
         :param t: a LongTensor [N] of respaced timesteps.
         :param noise: optional standard normal noise like x (drawn only when eta > 0).
+        :param cond_fn: classifier guidance (diffusion/guidance.py): corrects the score, so the step uses the
+            guided x_0 (not clipped again) and the noise re-derived from it.
         :return: dict with "sample" (x_{t-1}) and "pred_xstart", each [N x C x ...].
         """
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        if cond_fn is not None:
+            out = condition_score(self, out, x, t, cond_fn)
         alpha_bar = self._coef("alphas_cumprod", t, x)
         alpha_bar_prev = self._coef("alphas_cumprod_prev", t, x)
         sigma = (

@@ -7,7 +7,9 @@ With ``g = scale * grad_x log p(y | x_t)`` from the classifier, a reverse step i
 - :func:`condition_score` (DDIM and DPM-Solver++, Song et al.): ``g`` corrects the score, i.e. the noise
   prediction, ``eps' = eps - sqrt(1 - alpha_bar_t) * g``, and x_0 and the mean follow from eps'. For a
   solver that steps with the denoised estimate (DPM-Solver++), :func:`condition_xstart` gives the corrected
-  x_0 directly; for one that takes a ``denoised_fn`` (DDIM), :func:`guided_denoised_fn` slots it in.
+  x_0 directly.
+
+``GaussianDiffusion.p_sample`` and ``ddim_sample`` take a ``cond_fn`` and apply these, as the reference's do.
 
 A ``cond_fn`` is called as ``cond_fn(x, t_model)`` and returns the [N x C x H x W] float32 gradient. ``t_model``
 is what the diffusion network itself is given: the ORIGINAL timestep indices of a respaced process (rescaled to
@@ -18,12 +20,14 @@ Every function here takes respaced ``t`` and does that mapping through ``Gaussia
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion.gaussian_diffusion import GaussianDiffusion, Model, _nonzero_mask
+if TYPE_CHECKING:  # the process calls these functions from its steps
+    from diffusion.gaussian_diffusion import GaussianDiffusion
 
 CondFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -102,8 +106,7 @@ def condition_xstart(
 
     :param pred_xstart: an [N x C x H x W] Tensor, the step's x_0 estimate after its own processing (clipping).
     :param x: an [N x C x H x W] Tensor x_t.
-    :param t: a LongTensor [N] of the process's timesteps (for DPM-Solver++, which runs on the unrespaced
-        process, the original ones).
+    :param t: a LongTensor [N] of the process's (respaced) timesteps.
     :return: (pred_xstart', eps'), each [N x C x H x W]; eps' is re-derived from pred_xstart'.
     """
     g = guidance_gradient(process, cond_fn, x, t)
@@ -128,83 +131,3 @@ def condition_score(
     pred_xstart, eps = condition_xstart(process, out["pred_xstart"], x, t, cond_fn)
     mean, _, _ = process.q_posterior_mean_variance(pred_xstart, x, t)
     return {**out, "mean": mean, "pred_xstart": pred_xstart, "eps": eps}
-
-
-def guided_denoised_fn(
-    process: GaussianDiffusion,
-    x: Tensor,
-    t: Tensor,
-    cond_fn: CondFn,
-    clip_denoised: bool = True,
-    denoised_fn: Callable[[Tensor], Tensor] | None = None,
-) -> Callable[[Tensor], Tensor]:
-    """
-    Score guidance at (x, t) as a ``denoised_fn`` for a step that is then run with ``clip_denoised=False``.
-
-    The returned function processes the raw x_0 as the unguided step would (``denoised_fn``, then clipping),
-    then applies :func:`condition_xstart`. Handed to ``process.ddim_sample`` or ``process.predict_xstart_eps``
-    it makes them use x_0' and the eps re-derived from it, which is the reference's guided DDIM step.
-    """
-
-    def guided(pred_xstart: Tensor) -> Tensor:
-        if denoised_fn is not None:
-            pred_xstart = denoised_fn(pred_xstart)
-        if clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)
-        return condition_xstart(process, pred_xstart, x, t, cond_fn)[0]
-
-    return guided
-
-
-def guided_p_sample(
-    process: GaussianDiffusion,
-    model: Model,
-    x: Tensor,
-    t: Tensor,
-    cond_fn: CondFn,
-    clip_denoised: bool = True,
-    denoised_fn: Callable[[Tensor], Tensor] | None = None,
-    model_kwargs: dict | None = None,
-    noise: Tensor | None = None,
-) -> dict[str, Tensor]:
-    """
-    One classifier-guided ancestral step x_t -> x_{t-1} (:func:`condition_mean`); no noise where t == 0.
-
-    :param x: an [N x C x H x W] Tensor x_t.
-    :param t: a LongTensor [N] of respaced timesteps.
-    :param noise: optional standard normal noise like x.
-    :return: dict with "sample" (x_{t-1}) and "pred_xstart" (unguided, as in the reference).
-    """
-    out = process.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-    out = condition_mean(process, out, x, t, cond_fn)
-    if noise is None:
-        noise = torch.randn_like(x)
-    sample = out["mean"] + _nonzero_mask(t, x) * torch.exp(0.5 * out["log_variance"]) * noise
-    return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-
-def guided_ddim_sample(
-    process: GaussianDiffusion,
-    model: Model,
-    x: Tensor,
-    t: Tensor,
-    cond_fn: CondFn,
-    eta: float = 0.0,
-    clip_denoised: bool = True,
-    denoised_fn: Callable[[Tensor], Tensor] | None = None,
-    model_kwargs: dict | None = None,
-    noise: Tensor | None = None,
-) -> dict[str, Tensor]:
-    """
-    One classifier-guided DDIM step x_t -> x_{t-1} (:func:`condition_score`): ``process.ddim_sample`` with the
-    guided x_0' and its eps'.
-
-    :param x: an [N x C x H x W] Tensor x_t.
-    :param t: a LongTensor [N] of respaced timesteps.
-    :param noise: optional standard normal noise like x (used only when eta > 0).
-    :return: dict with "sample" (x_{t-1}) and the guided "pred_xstart".
-    """
-    guide = guided_denoised_fn(process, x, t, cond_fn, clip_denoised, denoised_fn)
-    return process.ddim_sample(
-        model, x, t, eta=eta, clip_denoised=False, denoised_fn=guide, model_kwargs=model_kwargs, noise=noise
-    )

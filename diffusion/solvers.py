@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from diffusion.errors import ConfigError
 from diffusion.gaussian_diffusion import GaussianDiffusion, space_timesteps
-from diffusion.guidance import CondFn, condition_xstart, guided_ddim_sample, guided_p_sample
+from diffusion.guidance import CondFn, condition_xstart
 
 NoiseFn = Callable[[int], Tensor]
 
@@ -102,10 +102,7 @@ class Solver:
         for k, i in enumerate(tqdm(indices, desc=type(self).__name__, leave=False, disable=not progress)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             draw = functools.partial(_draw, noise, k, x)
-            if cond_fn is None:  # a solver written before guidance need not take the argument
-                x, pred_xstart, carry = self.step(process, model, x, t, model_kwargs, draw, carry)
-            else:
-                x, pred_xstart, carry = self.step(process, model, x, t, model_kwargs, draw, carry, cond_fn)
+            x, pred_xstart, carry = self.step(process, model, x, t, model_kwargs, draw, carry, cond_fn)
             if callback is not None:
                 callback(k, x, pred_xstart)
         return x
@@ -149,13 +146,11 @@ class DDPM(Solver):
         super().__init__(steps, clip_denoised)
 
     def step(self, process, model, x, t, model_kwargs, draw, carry, cond_fn=None):
-        # A noise is drawn at t == 0 too (and not used), as the reference's loop draws it.
-        if cond_fn is None:
-            out = process.p_sample(model, x, t, self.clip_denoised, model_kwargs=model_kwargs, noise=draw())
-        else:  # classifier guidance shifts the mean (condition_mean)
-            out = guided_p_sample(
-                process, model, x, t, cond_fn, self.clip_denoised, model_kwargs=model_kwargs, noise=draw()
-            )
+        # A noise is drawn at t == 0 too (and not used), as the reference's loop draws it. Classifier guidance
+        # shifts the mean (condition_mean).
+        out = process.p_sample(
+            model, x, t, self.clip_denoised, model_kwargs=model_kwargs, noise=draw(), cond_fn=cond_fn
+        )
         return out["sample"], out["pred_xstart"], None
 
 
@@ -182,11 +177,10 @@ class DDIM(Solver):
 
     def step(self, process, model, x, t, model_kwargs, draw, carry, cond_fn=None):
         noise = draw() if self.eta > 0 else None
-        args = dict(eta=self.eta, clip_denoised=self.clip_denoised, model_kwargs=model_kwargs, noise=noise)
-        if cond_fn is None:
-            out = process.ddim_sample(model, x, t, **args)
-        else:  # classifier guidance corrects the score (condition_score)
-            out = guided_ddim_sample(process, model, x, t, cond_fn, **args)
+        # Classifier guidance corrects the score (condition_score).
+        out = process.ddim_sample(
+            model, x, t, self.eta, self.clip_denoised, model_kwargs=model_kwargs, noise=noise, cond_fn=cond_fn
+        )
         return out["sample"], out["pred_xstart"], None
 
     def __repr__(self) -> str:

@@ -16,8 +16,6 @@ from diffusion.guidance import (
     condition_score,
     condition_xstart,
     guidance_gradient,
-    guided_ddim_sample,
-    guided_p_sample,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
@@ -134,10 +132,10 @@ def test_condition_score(cond_fn):
     assert rel_err(process.q_sample(guided["pred_xstart"], REF["t"], guided["eps"]), REF["x_t"]) <= TOL
 
 
-def test_guided_p_sample(cond_fn):
+def test_guided_ancestral_step(cond_fn):
     ref = REF["p_sample"]
     with torch.no_grad():
-        out = guided_p_sample(make_process(), toy_model, REF["x_t"], REF["t"], cond_fn, noise=ref["noise"])
+        out = make_process().p_sample(toy_model, REF["x_t"], REF["t"], noise=ref["noise"], cond_fn=cond_fn)
     assert rel_err(out["sample"], ref["sample"]) <= TOL
     assert rel_err(out["pred_xstart"], ref["pred_xstart"]) <= TOL
 
@@ -146,8 +144,8 @@ def test_guided_p_sample(cond_fn):
 def test_guided_ddim_step(cond_fn, eta):
     ref = REF[f"ddim_step_eta{eta}"]
     with torch.no_grad():
-        out = guided_ddim_sample(
-            make_process(), toy_model, REF["x_t"], REF["t"], cond_fn, eta=eta, noise=ref["noise"]
+        out = make_process().ddim_sample(
+            toy_model, REF["x_t"], REF["t"], eta=eta, noise=ref["noise"], cond_fn=cond_fn
         )
     assert rel_err(out["sample"], ref["sample"]) <= TOL
     assert rel_err(out["pred_xstart"], ref["pred_xstart"]) <= TOL
@@ -159,10 +157,10 @@ def test_zero_scale_guidance_is_the_unguided_step(classifier, solver):
     off = classifier_cond_fn(classifier, REF["y"], scale=0.0)
     with torch.no_grad():
         if solver == "ancestral":
-            guided = guided_p_sample(process, toy_model, x, t, off, noise=noise)
+            guided = process.p_sample(toy_model, x, t, noise=noise, cond_fn=off)
             plain = process.p_sample(toy_model, x, t, noise=noise)
         else:
-            guided = guided_ddim_sample(process, toy_model, x, t, off, eta=0.5, noise=noise)
+            guided = process.ddim_sample(toy_model, x, t, eta=0.5, noise=noise, cond_fn=off)
             plain = process.ddim_sample(toy_model, x, t, eta=0.5, noise=noise)
     # Only float32 rounding differs (the guided DDIM step goes x_0 -> eps -> x_0 once more).
     assert rel_err(guided["sample"], plain["sample"]) <= TOL
@@ -214,9 +212,9 @@ def guided_chain(name: str, cond_fn) -> torch.Tensor:
         t = torch.full((x.shape[0],), index, dtype=torch.long)
         with torch.no_grad():
             if name == "ddim_loop_10":
-                out = guided_ddim_sample(process, toy_model, x, t, cond_fn, eta=0.0)
+                out = process.ddim_sample(toy_model, x, t, eta=0.0, cond_fn=cond_fn)
             else:
-                out = guided_p_sample(process, toy_model, x, t, cond_fn, noise=ref["noises"][i])
+                out = process.p_sample(toy_model, x, t, noise=ref["noises"][i], cond_fn=cond_fn)
         x = out["sample"]
     return x
 
