@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffusion.errors import ConfigError
-from diffusion.unet import timestep_embedding
+from diffusion.unet import batch_timesteps, timestep_embedding
 
 # Width of the fixed sinusoidal timestep features fed to the timestep MLP (not a constructor argument in DiT).
 FREQUENCY_EMBEDDING_SIZE = 256
@@ -341,7 +341,7 @@ class DiT(nn.Module):
             learned-range variance values in [in_channels, 2 * in_channels) when learn_sigma.
         """
         n = self._check_input(x)
-        c = self.t_embedder(self._batch_timesteps(t, n))
+        c = self.t_embedder(batch_timesteps(t, n))
         if self.num_classes:
             c = c + self.y_embedder(self._labels(y, n))
         elif y is not None:
@@ -399,14 +399,6 @@ class DiT(nn.Module):
                 f"got {list(x.shape)}"
             )
         return x.shape[0]
-
-    @staticmethod
-    def _batch_timesteps(t: torch.Tensor, n: int) -> torch.Tensor:
-        if t.dim() == 0:
-            return t.expand(n)
-        if t.shape != (n,):
-            raise ValueError(f"t must have shape [{n}] (one timestep per image), got {list(t.shape)}")
-        return t
 
     def _labels(self, y: torch.Tensor | None, n: int) -> torch.Tensor:
         if y is None:

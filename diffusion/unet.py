@@ -341,7 +341,8 @@ def _attention_rates(image_size: int, resolutions: Sequence[int], num_levels: in
     return frozenset(rates)
 
 
-def _batch_timesteps(t: torch.Tensor, n: int) -> torch.Tensor:
+def batch_timesteps(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` as one timestep per image: an [n] Tensor (a 0-dim one is broadcast)."""
     if t.dim() == 0:
         return t.expand(n)
     if t.shape != (n,):
@@ -576,7 +577,7 @@ class UNetModel(nn.Module):
         :param y: an [N] long Tensor of labels for a class-conditional model (may hold null_class), else None.
         :return: an [N x out_channels x H x W] Tensor.
         """
-        emb = self.time_embed(timestep_embedding(_batch_timesteps(t, x.shape[0]), self.num_channels))
+        emb = self.time_embed(timestep_embedding(batch_timesteps(t, x.shape[0]), self.num_channels))
         if self.num_classes is not None:
             emb = emb + self.label_emb(self._labels(y, x.shape[0]))
         elif y is not None:
@@ -846,7 +847,7 @@ class EncoderUNetModel(nn.Module):
                 f"(in_channels={expected[0]}, image_size={expected[1]}), got {list(x.shape)}; "
                 "use a classifier trained at the images' size and channels"
             )
-        emb = self.time_embed(timestep_embedding(_batch_timesteps(t, x.shape[0]), self.num_channels))
+        emb = self.time_embed(timestep_embedding(batch_timesteps(t, x.shape[0]), self.num_channels))
         spatial = self.pool != "attention" and self.pool != "adaptive"
         means = []
         h = x
