@@ -144,6 +144,7 @@ class TrainConfig:
     logger: Any = MISSING
     solver: Any = MISSING  # how the periodic sample grids are generated
     task: Any = MISSING  # what the loop optimises: the diffusion loss, a classifier's cross-entropy...
+    eval: Any = MISSING  # sample quality every eval_every steps (FID...); the task is given it
     seed: int = 0
     max_steps: int = 0  # stop after this many optimizer steps (0: run to optim.lr_anneal_steps, or forever)
     save_every: int = 1000
@@ -189,6 +190,18 @@ class NLLConfig(CheckpointJobConfig):
     clip_denoised: bool = True
 
 
+@dataclass
+class ReferenceConfig:
+    """python -m diffusion.reference: a reference batch of a dataset (see diffusion/reference.py)."""
+
+    data: Any = MISSING
+    eval: Any = MISSING  # whose features' statistics the file stores (features, inception_weights, batch_size)
+    hardware: Any = MISSING
+    out: str = MISSING  # the .npz to write
+    num_images: int = 50_000  # drawn at random from the dataset; 0 = all of it
+    seed: int = 0  # which images, and their crops under data.random_crop=true
+
+
 def build(node: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, with the :class:`~diffusion.errors.UserError` a constructor raised coming out
     as itself rather than wrapped in Hydra's InstantiationException (whose message adds the full target path)."""
@@ -208,7 +221,7 @@ def build(node: Any, **kwargs: Any) -> Any:
 
 def component_schemas() -> dict[str, type]:
     """Each component's schema by its ConfigStore name, made from the constructors."""
-    from diffusion import data, hardware, loggers, solvers, tasks, timestep_samplers, unet
+    from diffusion import data, hardware, loggers, sample_quality, solvers, tasks, timestep_samplers, unet
     from diffusion.gaussian_diffusion import GaussianDiffusion
 
     follow_model = {"image_size": "${model.image_size}"}
@@ -232,6 +245,7 @@ def component_schemas() -> dict[str, type]:
         "schema_ddpm": schema(solvers.DDPM),
         "schema_dpm_solver": schema(solvers.DPMSolverPP),
         "schema_diffusion_task": schema(tasks.DiffusionTask, runtime=("diffusion", "sampler", "solver")),
+        "schema_sample_quality": schema(sample_quality.SampleQuality),
     }
 
 
@@ -241,6 +255,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="nll_schema", node=NLLConfig)
+    cs.store(name="reference_schema", node=ReferenceConfig)
     for name, node in component_schemas().items():
         cs.store(name=name, node=node)
 
@@ -274,7 +289,18 @@ def per_gpu(gpus: int, with_gpus: Any, without: Any) -> Any:
     return with_gpus if int(gpus) > 0 else without
 
 
+def objective_direction(objective: str) -> str:
+    """ "minimize" or "maximize": how ``eval.objective`` improves (a sweeper's direction follows it)."""
+    from diffusion.sample_quality import objective_direction
+
+    return objective_direction(objective)
+
+
 def register_resolvers() -> None:
-    for name, resolver, cache in [("launch_time", launch_time, True), ("per_gpu", per_gpu, False)]:
+    for name, resolver, cache in [
+        ("launch_time", launch_time, True),
+        ("per_gpu", per_gpu, False),
+        ("objective_direction", objective_direction, False),
+    ]:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver, use_cache=cache)

@@ -17,7 +17,7 @@ from diffusion.config import component_schemas
 
 from conftest import CONF, ROOT, compose_cfg
 
-GROUPS = ["model", "diffusion", "data", "optim", "sampler", "hardware", "logger", "solver", "task"]
+GROUPS = ["model", "diffusion", "data", "optim", "sampler", "hardware", "logger", "solver", "task", "eval"]
 RELEASED = {
     "unet_64": "64x64_diffusion",
     "unet_128": "128x128_diffusion",
