@@ -88,7 +88,9 @@ def write_reference(cfg: DictConfig) -> Path:
         ) from None
     out = Path(cfg.out)
     if out.suffix != ".npz":
-        raise ConfigError(f"out={cfg.out}: name the reference batch file .npz (OpenAI's evaluator reads .npz)")
+        raise ConfigError(
+            f"out={cfg.out}: name the reference batch file .npz (OpenAI's evaluator reads .npz)"
+        )
     if cfg.eval.features == "none":
         raise ConfigError("eval=none has no features to store: choose eval=inception (or eval=digits)")
     if cfg.data.batch_size < 1:

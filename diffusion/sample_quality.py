@@ -129,9 +129,8 @@ def gather_rows(
         dist.all_gather(parts, padded)
         merged = mine.new_empty(total, mine.shape[1])
         for r, part in enumerate(parts):
-            merged[torch.as_tensor(list(indices_of(r)), dtype=torch.long, device=mine.device)] = part[
-                : counts[r]
-            ]
+            where = torch.as_tensor(list(indices_of(r)), dtype=torch.long, device=mine.device)
+            merged[where] = part[: counts[r]]
         out[kind] = merged
     return out
 
