@@ -29,6 +29,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/eval_bench.py --batch 8 --seconds 10
 
 # On one GPU: ADM's ImageNet 64 and 128 models at per-GPU batches of the paper's global batches (2048 and 256
 # spread over 32 and 8 GPUs); MFU against the H100 SXM's dense bf16 peak (set PEAK_TFLOPS for other cards).
@@ -36,6 +37,7 @@ PEAK_TFLOPS ?= 989
 bench-gpu: install
 	$(PY) benchmarks/bench.py --device cuda --models unet_64 unet_128 --batch unet_64=64 unet_128=32 \
 		--skip data --seconds 3 --peak-tflops $(PEAK_TFLOPS) --levers channels_last sdpa optimizer_foreach compile
+	$(PY) benchmarks/eval_bench.py --device cuda --metrics 50000
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -3,7 +3,8 @@
 Each line is run as written, with three kinds of change, all below and nothing else:
 - paths: ``/data/imagenet`` is a folder of 1000 class sub-folders of one small image each, ``outputs/...`` lies in a temporary
   directory, and OpenAI's released files (``64x64_diffusion.pt``...) are random state dicts saved in their format
-  from the same presets at a CPU-sized width;
+  from the same presets at a CPU-sized width; batches for the evaluator (OpenAI's reference batch, samples) hold 8
+  random 64 px images, and the Inception weights are a random state dict of the real one's layout;
 - CPU-sized settings appended: a few steps, small batches, no W&B, a narrow network for the large presets;
 - the SLURM scripts are not run here: CI's ``.ci/run`` starts and stops the cluster around ``make test``.
 """
@@ -21,6 +22,8 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
+from diffusion.inception import random_inception_state_dict
+
 from conftest import PYTHON, ROOT, TORCHRUN, compose_cfg, load_ckpt
 
 README = (ROOT / "README.md").read_text()
@@ -33,7 +36,11 @@ SHRINK = {
 }
 # OpenAI's released files the README names, and the presets that build their layouts.
 RELEASED = {"64x64_diffusion.pt": "unet_64", "256x256_diffusion.pt": "unet_256"}
-TRAIN_SIZE = ["max_steps=2", "save_every=0", "log_every=1", "data.batch_size=4", "data.num_workers=0"]
+TRAIN_SIZE = ["max_steps=2", "save_every=0", "log_every=1", "data.batch_size=4", "data.num_workers=0",
+              "eval.num_samples=8"]  # fmt: skip
+# Image batches the evaluation commands read (8 random 64 px images each), and where the Inception weights lie.
+BATCHES = ["VIRTUAL_imagenet64_labeled.npz", "outputs/my_samples/samples.npz", "outputs/ref64.npz"]
+INCEPTION = "inception_weights.pth"
 CPU = ["hardware=cpu", "logger=none"]
 
 
@@ -62,6 +69,10 @@ def workspace(tmp_path_factory) -> Path:
         with torch.device("cpu"):
             model = instantiate(compose_cfg([f"model={preset}", *SHRINK[preset]]).model)
         torch.save(model.state_dict(), root / filename)
+    for k, name in enumerate(BATCHES):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(root / name, arr_0=np.random.default_rng(k).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8))
+    torch.save(random_inception_state_dict(seed=0), root / INCEPTION)
     (run,) = [c for c in COMMANDS if "hydra.run.dir=outputs/my_run" in c]
     _run(adapt(run, root))
     return root
@@ -73,8 +84,10 @@ def adapt(command: str, root: Path) -> list[str]:
     words = []
     for word in shlex.split(command.replace("/data/imagenet", str(root / "data/imagenet"))):
         key, _, value = word.partition("=")
-        if value.startswith("outputs/") or value in RELEASED:
+        if value.startswith("outputs/") or value in RELEASED or value in BATCHES:
             word = f"{key}={root / value}"
+        elif word.startswith("outputs/") or word in BATCHES:  # a positional path
+            word = str(root / word)
         words.append(word)
     script = next(w for w in words if w.endswith(".py") or w.startswith("diffusion."))
     extra = [o for w in words if w.startswith("model=") for o in SHRINK.get(w.split("=", 1)[1], [])]
@@ -82,6 +95,10 @@ def adapt(command: str, root: Path) -> list[str]:
         extra = []
     elif script == "train.py":
         extra += [*TRAIN_SIZE, *CPU]
+        if "eval=inception" in words:
+            extra += [f"eval.inception_weights={root / INCEPTION}", "solver.steps=5"]
+        if "hydra/sweeper=optuna_objective" in words:
+            extra.append("hydra.sweeper.n_trials=2")
         if "-m" in words:
             extra.append(f"hydra.sweep.dir={root / 'multirun' / slug}")
         elif not any(w.startswith("hydra.run.dir=") for w in words):
@@ -90,6 +107,11 @@ def adapt(command: str, root: Path) -> list[str]:
         extra += ["num_samples=4", "batch_size=2", "hardware=cpu", f"hydra.run.dir={root / 'samples' / slug}"]
     elif script == "diffusion.nll":
         extra += ["num_batches=1", "data.batch_size=4", "hardware=cpu", f"hydra.run.dir={root / 'nll'}"]
+    elif script == "diffusion.evaluate":
+        extra += ["--inception-weights", str(root / INCEPTION), "--no-download", "--device", "cpu"]
+    elif script == "diffusion.reference":
+        extra += ["num_images=8", "hardware=cpu", "data.num_workers=0", f"eval.inception_weights={root / INCEPTION}",
+                  f"hydra.run.dir={root / 'reference' / slug}"]  # fmt: skip
     launcher = {"python": [PYTHON], "torchrun": [TORCHRUN]}[words[0]]
     return launcher + words[1:] + extra
 
@@ -112,6 +134,11 @@ def test_the_block_has_the_commands_a_user_needs():
         "init_from=",
         "sample.py",
         "diffusion.nll",
+        "diffusion.evaluate",
+        "diffusion.reference",
+        "eval=inception eval.reference=",
+        "hydra/sweeper=optuna_objective",
+        "diffusion.report",
     ):
         assert any(piece in c for c in COMMANDS), piece
 
@@ -144,3 +171,9 @@ def test_readme_command_runs(command, workspace, request):
         )
     if "init_from=" in command:
         assert "initialised the weights from" in proc.stdout
+    if "diffusion.evaluate" in command:
+        assert all(
+            f"{label}: " in proc.stdout for label in ("Inception Score", "FID", "sFID", "Precision", "Recall")
+        )
+    if "eval=" in command and "-m" not in command:
+        assert "eval at step 2" in proc.stdout
