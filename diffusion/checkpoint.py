@@ -102,7 +102,10 @@ def read_best_record(ckpt_dir: str | os.PathLike) -> dict | None:
     path = Path(ckpt_dir) / BEST
     if not path.is_file():
         return None
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a readable checkpoint: it holds no best value, and the next best replaces it
+        return None
     return dict(obj["best"]) if isinstance(obj, dict) and obj.get("best") else None
 
 
