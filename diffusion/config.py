@@ -195,7 +195,7 @@ class ReferenceConfig:
     """python -m diffusion.reference: a reference batch of a dataset (see diffusion/reference.py)."""
 
     data: Any = MISSING
-    eval: Any = MISSING  # whose features' statistics the file stores (features, inception_weights, batch_size)
+    eval: Any = MISSING  # the features whose statistics the file stores (features, inception_weights)
     hardware: Any = MISSING
     out: str = MISSING  # the .npz to write
     num_images: int = 50_000  # drawn at random from the dataset; 0 = all of it
