@@ -29,6 +29,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/eval_bench.py --batch 8 --seconds 10
 
 # On one GPU: ADM's ImageNet 64 and 128 models at per-GPU batches of the paper's global batches (2048 and 256
 # spread over 32 and 8 GPUs); MFU against the H100 SXM's dense bf16 peak (set PEAK_TFLOPS for other cards).
@@ -39,6 +40,7 @@ bench-gpu: install
 		--skip data --seconds 3 --peak-tflops $(PEAK_TFLOPS) --levers channels_last sdpa optimizer_foreach compile
 	$(PY) benchmarks/bench.py --device cuda --models dit_xl_2 --batch dit_xl_2=32 \
 		--skip data sampling --seconds 3 --warmup 2 --peak-tflops $(PEAK_TFLOPS)
+	$(PY) benchmarks/eval_bench.py --device cuda --metrics 50000
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -22,6 +22,7 @@ log = logging.getLogger("train")
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from diffusion.loggers import run_name_and_group
+    from diffusion.sample_quality import objective_value
     from diffusion.training import train
 
     hydra_cfg = HydraConfig.get()
@@ -31,8 +32,11 @@ def main(cfg: DictConfig) -> float | None:
         return train(cfg, hydra_cfg.runtime.output_dir, name=name, group=group)
 
     # A sweep job's failure is reported by its launcher, with the traceback; a single run's user error is one line.
-    metrics = run() if hydra_cfg.mode == RunMode.MULTIRUN else exit_on_user_error(run, log)
-    return metrics.get("loss") if metrics else None
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    metrics = run() if sweep else exit_on_user_error(run, log)
+    # What a sweeper optimises: the final eval.objective (the loss without evaluation). In a sweep a missing or
+    # non-finite value fails the trial with the reason, rather than handing the sweeper a number.
+    return objective_value(cfg.eval.objective, metrics, strict=sweep)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 A checkpoint holds only tensors and plain Python values (the config as a YAML string), so it loads with
 ``torch.load(..., weights_only=True)``: a file from the internet cannot execute code when it is opened.
-``checkpoints/latest.pt`` is a symbolic link replaced atomically after the file it names is complete.
+``checkpoints/latest.pt`` is a symbolic link replaced atomically after the file it names is complete;
+``checkpoints/best.pt`` is a complete checkpoint of the best evaluation so far, which pruning never removes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from diffusion.errors import UserError
 
 FORMAT_VERSION = 1
 LATEST = "latest.pt"
+BEST = "best.pt"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
@@ -83,6 +85,28 @@ def save_checkpoint(
     point_latest(ckpt_dir, path)
     prune(ckpt_dir, keep_last, milestone_every)
     return path
+
+
+def save_best(state: dict, ckpt_dir: str | os.PathLike) -> Path:
+    """Write ``best.pt`` (atomically, like every checkpoint); ``state["best"]`` records what made it the best."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / BEST
+    atomic_save({"format_version": FORMAT_VERSION, **state}, path)
+    return path
+
+
+def read_best_record(ckpt_dir: str | os.PathLike) -> dict | None:
+    """The ``best`` record ({"key", "value", "step"}) of ``ckpt_dir/best.pt``, None when there is none; the file
+    is memory-mapped, so its tensors are not read."""
+    path = Path(ckpt_dir) / BEST
+    if not path.is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a readable checkpoint: it holds no best value, and the next best replaces it
+        return None
+    return dict(obj["best"]) if isinstance(obj, dict) and obj.get("best") else None
 
 
 def prune(ckpt_dir: Path, keep_last: int, milestone_every: int) -> None:

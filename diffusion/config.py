@@ -149,6 +149,7 @@ class TrainConfig:
     solver: Any = MISSING  # how the periodic sample grids are generated
     task: Any = MISSING  # what the loop optimises: the diffusion loss, a classifier's cross-entropy...
     vae: Any = None  # the autoencoder of data.latent=true (unused in pixel space)
+    eval: Any = MISSING  # sample quality every eval_every steps (FID...); the task is given it
     seed: int = 0
     max_steps: int = 0  # stop after this many optimizer steps (0: run to optim.lr_anneal_steps, or forever)
     save_every: int = 1000
@@ -223,6 +224,18 @@ class LatentCacheConfig:
     storage_dtype: str = "float32"  # or float16: half the disk
 
 
+@dataclass
+class ReferenceConfig:
+    """python -m diffusion.reference: a reference batch of a dataset (see diffusion/reference.py)."""
+
+    data: Any = MISSING
+    eval: Any = MISSING  # the features whose statistics the file stores (features, inception_weights)
+    hardware: Any = MISSING
+    out: str = MISSING  # the .npz to write
+    num_images: int = 50_000  # drawn at random from the dataset; 0 = all of it
+    seed: int = 0  # which images, and their crops under data.random_crop=true
+
+
 def build(node: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, with the :class:`~diffusion.errors.UserError` a constructor raised coming out
     as itself rather than wrapped in Hydra's InstantiationException (whose message adds the full target path)."""
@@ -242,7 +255,18 @@ def build(node: Any, **kwargs: Any) -> Any:
 
 def component_schemas() -> dict[str, type]:
     """Each component's schema by its ConfigStore name, made from the constructors."""
-    from diffusion import data, dit, hardware, latent, loggers, solvers, tasks, timestep_samplers, unet
+    from diffusion import (
+        data,
+        dit,
+        hardware,
+        latent,
+        loggers,
+        sample_quality,
+        solvers,
+        tasks,
+        timestep_samplers,
+        unet,
+    )
     from diffusion.gaussian_diffusion import GaussianDiffusion
 
     follow_model = {"image_size": "${follow_model:}"}
@@ -272,6 +296,7 @@ def component_schemas() -> dict[str, type]:
         "schema_diffusion_task": schema(tasks.DiffusionTask, runtime=("diffusion", "sampler", "solver")),
         "schema_classifier_task": schema(tasks.ClassifierTask, runtime=("diffusion", "sampler", "solver")),
         "schema_super_res_task": schema(tasks.SuperResTask, runtime=("diffusion", "sampler", "solver")),
+        "schema_sample_quality": schema(sample_quality.SampleQuality),
     }
 
 
@@ -282,6 +307,7 @@ def register_configs() -> None:
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="nll_schema", node=NLLConfig)
     cs.store(name="latent_schema", node=LatentCacheConfig)
+    cs.store(name="reference_schema", node=ReferenceConfig)
     for name, node in component_schemas().items():
         cs.store(name=name, node=node)
 
@@ -350,6 +376,11 @@ def follow_model(*, _root_: Any) -> int:
 
         side *= vae_downsample(vae.name_or_path, vae.cache_dir)
     return side
+def objective_direction(objective: str) -> str:
+    """ "minimize" or "maximize": how ``eval.objective`` improves (a sweeper's direction follows it)."""
+    from diffusion.sample_quality import objective_direction
+
+    return objective_direction(objective)
 
 
 def register_resolvers() -> None:
@@ -357,6 +388,7 @@ def register_resolvers() -> None:
         ("launch_time", launch_time, True),
         ("per_gpu", per_gpu, False),
         ("follow_model", follow_model, False),
+        ("objective_direction", objective_direction, False),
     ]:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver, use_cache=cache)

@@ -28,7 +28,7 @@ import json
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -226,30 +226,53 @@ class Evaluator:
             self._reference_file = batch
         return self._reference_file
 
+    def reference_images(self) -> tuple[Iterator[np.ndarray], int]:
+        """The reference images as uint8 [B x H x W x C] batches of ``batch_size``, and how many there are: the
+        reference batch file's, or the feature set's built-in reference."""
+        batch = self.open_reference()
+        if batch is not None:
+            return batch.batches(self.batch_size), len(batch)
+        images = self.feature_set.default_reference()
+        if images is None:
+            raise ConfigError(
+                f"{self.feature_set.name} features need a reference batch (e.g. OpenAI's "
+                f"VIRTUAL_imagenet64_labeled.npz, or one written by python -m diffusion.reference)"
+            )
+        batches = (images[i : i + self.batch_size] for i in range(0, len(images), self.batch_size))
+        return batches, len(images)
+
     def reference(self) -> Reference:
         """The reference, computed on first use and kept (its features take as long as the samples')."""
         if self._reference is None:
-            batch = self.open_reference()
-            if batch is None:
-                images = self.feature_set.default_reference()
-                if images is None:
-                    raise ConfigError(
-                        f"{self.feature_set.name} features need a reference batch (e.g. OpenAI's "
-                        f"VIRTUAL_imagenet64_labeled.npz, or one written by write_reference_batch)"
-                    )
-                features, stats, source = (
-                    self.extract(images),
-                    None,
-                    f"the built-in {self.feature_set.name} reference",
-                )
-            else:
-                features = self.extract_batches(batch.batches(self.batch_size), total=len(batch))
-                stats, source = batch.statistics, str(batch.path)
-            if stats is None:
-                stats = {kind: feature_statistics(features[kind]) for kind in ("pool", "spatial")}
-            manifold = features[self.feature_set.precision_recall_on]
-            self._reference = Reference(manifold=manifold, statistics=stats, source=source)
+            batches, count = self.reference_images()
+            self.use_reference_features(self.extract_batches(batches, total=count))
         return self._reference
+
+    def use_reference_features(self, features: Mapping[str, Tensor]) -> Reference:
+        """
+        Set the reference from the features of :meth:`reference_images` computed elsewhere (the training
+        engine spreads them over its ranks); precomputed statistics in the reference file take precedence.
+
+        :param features: {"pool", "spatial", "logits"} [N x D] Tensors of all reference images, in order.
+        """
+        batch = self.open_reference()
+        if batch is None:
+            stats, source = None, f"the built-in {self.feature_set.name} reference"
+        else:
+            stats, source = batch.statistics, str(batch.path)
+        if stats is None:
+            stats = {kind: feature_statistics(features[kind]) for kind in ("pool", "spatial")}
+        manifold = features[self.feature_set.precision_recall_on].to(self.device)
+        self._reference = Reference(manifold=manifold, statistics=stats, source=source)
+        return self._reference
+
+    def to(self, device: torch.device | str) -> Evaluator:
+        """Move the feature network (and a computed reference) to ``device``; returns self."""
+        self.device = torch.device(device)
+        self.feature_set = self.feature_set.to(self.device)
+        if self._reference is not None:
+            self._reference.manifold = self._reference.manifold.to(self.device)
+        return self
 
     def compute_metrics(self, features: Mapping[str, Tensor | np.ndarray]) -> dict[str, float]:
         """

@@ -13,7 +13,12 @@ from torchvision.utils import make_grid, save_image
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[N x C x H x W] floats in [-1, 1] -> uint8 [N x H x W x C], as the reference converts samples."""
-    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8_tensor(x).cpu().numpy()
+
+
+def to_uint8_tensor(x: torch.Tensor) -> torch.Tensor:
+    """:func:`to_uint8` that stays on x's device: a uint8 [N x H x W x C] Tensor (a view of NHWC order)."""
+    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def save_grid(images: np.ndarray, path: str | Path, min_size: int = 256, pad: int = 2) -> np.ndarray:

@@ -6,7 +6,8 @@ lr schedule, micro-batching, DDP, checkpoints, W&B, SLURM pre-emption. A task ow
 - ``build_model(model_cfg, data)``: the network, with the run-time values only the data and the task know;
 - ``losses(net, x, y, t, noise)``: per-example loss terms of one micro-batch, "loss" among them;
 - ``sample_grid(model, n, seed, hw)``: images for the periodic grids (None when the task does not generate);
-- ``evaluate(model, step, run)``: metrics the engine logs every ``eval_every`` steps.
+- ``evaluate(model, step, run)``: metrics the engine logs every ``eval_every`` steps;
+- ``objective``: which of those metrics ``best.pt`` follows, and whether lower or higher is better (None: none).
 
 The tasks: :class:`DiffusionTask` (``task=diffusion``), :class:`SuperResTask` (``task=super_res``: the same loss
 for a SuperResModel given the area-downsampled image) and :class:`ClassifierTask` (``task=classifier``: a
@@ -31,6 +32,7 @@ from diffusion.config import build
 from diffusion.errors import ConfigError
 from diffusion.gaussian_diffusion import GaussianDiffusion
 from diffusion.loggers import LossTracker
+from diffusion.sample_quality import SampleQuality
 from diffusion.solvers import Solver, derived_seed, generate
 from diffusion.timestep_samplers import ScheduleSampler
 from diffusion.unet import EncoderUNetModel, SuperResModel
@@ -81,6 +83,12 @@ class Task:
         """Metrics of ``model`` (the first EMA) at ``step``; every rank calls it. None by default."""
         return {}
 
+    @property
+    def objective(self) -> tuple[str, str] | None:
+        """(key in :meth:`evaluate`'s dict, "minimize" or "maximize") of the metric the engine keeps the best
+        checkpoint of, ``best.pt``; None keeps none. Every rank must return the same value for that key."""
+        return None
+
 
 def fit_to_data(model_cfg: DictConfig, data, **runtime) -> dict:
     """The model group's config as a dict, completed with the run-time values by the network class's own
@@ -98,17 +106,23 @@ def fit_to_data(model_cfg: DictConfig, data, **runtime) -> dict:
 class DiffusionTask(Task):
     """Denoising diffusion: the loss the process defines (ADM's L_simple, plus the bound for learned variances).
 
-    :param solver: the solver of the periodic sample grids.
+    :param solver: the solver of the periodic sample grids and of the evaluation's samples.
+    :param evaluation: scores samples every ``eval_every`` steps (the ``eval`` group; FID and the like).
     """
 
     # Whether the network is a SuperResModel, which needs the low-resolution image (SuperResTask).
     takes_low_res = False
 
     def __init__(
-        self, diffusion: GaussianDiffusion, sampler: ScheduleSampler, solver: Solver | None = None
+        self,
+        diffusion: GaussianDiffusion,
+        sampler: ScheduleSampler,
+        solver: Solver | None = None,
+        evaluation: SampleQuality | None = None,
     ) -> None:
         super().__init__(diffusion, sampler)
         self.solver = solver
+        self.evaluation = evaluation
         self.class_cond = False
         self.vae = None  # latent data's VAE (diffusion.latent.LatentVAE): grids are decoded through it
 
@@ -128,6 +142,8 @@ class DiffusionTask(Task):
         model = build(config)
         self.class_cond = model.num_classes is not None
         self.vae = getattr(data, "vae", None)
+        if self.evaluation is not None:
+            self.evaluation.check_model(model)  # a reference of another size fails now, not at the first eval
         return model, config
 
     def losses(self, net: nn.Module, x: Tensor, y: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
@@ -156,6 +172,18 @@ class DiffusionTask(Task):
         )  # fmt: skip
         self.vae = self.vae.on(hw.device)  # decoded where the model runs; the loader keeps its own copy
         return self.vae.decode(z)
+
+
+    def evaluate(self, model: nn.Module, step: int, run: RunContext) -> dict[str, float]:
+        """The evaluation's scores of ``num_samples`` samples of ``model`` ("eval/fid"...); {} without one."""
+        if self.evaluation is None:
+            return {}
+        return self.evaluation(model, self.diffusion, self.solver, step, run)
+
+    @property
+    def objective(self) -> tuple[str, str] | None:
+        """The evaluation's ``eval.objective`` as (e.g.) ("eval/fid", "minimize"); None when it tracks none."""
+        return self.evaluation.tracked if self.evaluation is not None else None
 
 
 class SuperResTask(DiffusionTask):

@@ -105,6 +105,8 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
     resume_path = find_resume(cfg, ckpt_dir)
     if resume_path is not None:
         state.load(resume_path, env)
+        # best.pt is written after the step's checkpoint (its evaluation follows the save): its record is newer.
+        state.best = ckpt.read_best_record(ckpt_dir) or state.best
         log.info("resumed from %s at step %d", resume_path, state.step)
     elif cfg.init_from:
         state.init_weights(cfg.init_from)
@@ -191,6 +193,8 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
                 if logger is not None and evaluation:
                     logger.log(evaluation, step)
                 metrics.update(evaluation)
+                if task.objective is not None and state.record_if_best(evaluation, *task.objective):
+                    state.save_best(ckpt_dir, env)  # every rank decides alike: the evaluation is rank 0's
         bar.close()
         if env.distributed:  # DDP keeps replicas in step; verify it, a silent divergence would waste the run
             if not replicas_identical(model):
@@ -398,6 +402,7 @@ class TrainState:
     class_names: list[str] = field(default_factory=list)
     step: int = 0
     wandb_id: str | None = None
+    best: dict = field(default_factory=dict)  # {"key", "value", "step"} of the best evaluation so far
 
     @classmethod
     def create(cls, cfg: DictConfig, model: torch.nn.Module, hw, sampler, loader=None, **info) -> TrainState:
@@ -424,12 +429,46 @@ class TrainState:
 
     def save(self, ckpt_dir: Path, env: DistEnv, keep_last: int = 2, milestone_every: int = 0) -> None:
         """Gather every rank's RNG state and write one checkpoint from rank 0; all ranks wait for it."""
+        state = self._gather(env)
+        if env.is_main:
+            path = ckpt.save_checkpoint(state, ckpt_dir, self.step, keep_last, milestone_every)
+            log.info("saved %s", path)
+        barrier()
+
+    def save_best(self, ckpt_dir: Path, env: DistEnv) -> None:
+        """Write ``best.pt``, a complete checkpoint (as :meth:`save`), from rank 0; all ranks call it."""
+        state = self._gather(env)
+        if env.is_main:
+            path = ckpt.save_best(state, ckpt_dir)
+            log.info("saved %s: %s=%.6g at step %d", path, self.best["key"], self.best["value"], self.step)
+        barrier()
+
+    def record_if_best(self, metrics: dict, key: str, direction: str) -> bool:
+        """Whether ``metrics[key]`` beats the best so far (lower for "minimize"); if so it becomes the best.
+        A value that is not finite never does; a best of another key (the objective changed) does not count."""
+        if not metrics:
+            return False
+        if key not in metrics:
+            raise TrainingError(f"the task's objective {key} is not among its evaluation's {sorted(metrics)}")
+        value = float(metrics[key])
+        if not math.isfinite(value):
+            return False
+        if self.best.get("key") == key:
+            better = value < self.best["value"] if direction == "minimize" else value > self.best["value"]
+            if not better:
+                return False
+        self.best = {"key": key, "value": value, "step": self.step}
+        return True
+
+    def _gather(self, env: DistEnv) -> dict | None:
+        """What a checkpoint holds, with every rank's RNG state (a collective: all ranks call it); None off
+        rank 0."""
         rng = {"torch": all_gather_object(torch.get_rng_state())}
         device = next(self.model.parameters()).device
         if device.type == "cuda":
             rng["cuda"] = all_gather_object(torch.cuda.get_rng_state(device))
         if env.is_main:
-            state = {
+            return {
                 "step": self.step,
                 "model": self.model.state_dict(),
                 "ema": {str(r): e.state_dict() for r, e in self.ema.items()},
@@ -443,10 +482,9 @@ class TrainState:
                 "config": self.config,
                 "model_config": OmegaConf.to_yaml(self.model_config),
                 "class_names": self.class_names,
+                "best": self.best,
             }
-            path = ckpt.save_checkpoint(state, ckpt_dir, self.step, keep_last, milestone_every)
-            log.info("saved %s", path)
-        barrier()
+        return None
 
     def load(self, path: Path, env: DistEnv) -> None:
         """Restore a checkpoint of this run: weights, EMAs, optimizer, schedules, data position and this rank's
@@ -474,6 +512,7 @@ class TrainState:
             torch.cuda.set_rng_state(rng["cuda"][env.rank], device)
         check_classes(state.get("class_names") or [], self.class_names, path)
         self.step, self.wandb_id = state["step"], state.get("wandb_run_id")
+        self.best = dict(state.get("best") or {})
 
     def init_weights(self, source: str) -> None:
         """Start from the (EMA) weights of another run's checkpoint or of a plain state dict (OpenAI's files)."""

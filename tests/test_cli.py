@@ -99,7 +99,7 @@ def test_help_and_cfg_job():
     groups = out.split("== Configuration groups ==")[1].split("== Config ==")[0]
     listed = dict(line.split(": ", 1) for line in groups.splitlines() if ": " in line)
     assert set(listed) == {
-        "model", "diffusion", "data", "optim", "sampler", "hardware", "logger", "solver", "task", "experiment",
+        "model", "diffusion", "data", "optim", "sampler", "hardware", "logger", "solver", "task", "eval", "experiment",
         "vae",
     }  # fmt: skip
     assert "unet_256_uncond" in listed["model"] and "dpm_solver" in listed["solver"]

@@ -17,7 +17,7 @@ from diffusion.config import LOADER_KEYS, component_schemas
 
 from conftest import CONF, ROOT, compose_cfg
 
-GROUPS = ["model", "diffusion", "data", "optim", "sampler", "hardware", "logger", "solver", "task", "vae"]
+GROUPS = ["model", "diffusion", "data", "optim", "sampler", "hardware", "logger", "solver", "task", "vae", "eval"]
 RELEASED = {
     "unet_64": "64x64_diffusion",
     "unet_128": "128x128_diffusion",

@@ -6,7 +6,8 @@ Each line is run as written, with three kinds of change, all below and nothing e
   state dicts saved in their format from the same presets at a CPU-sized width; ``/data/latents/...`` lies in the
   temporary directory too, and a line in latent space (``data.latent``, ``vae=``, the latent cache command) gets
   a tiny random VAE in diffusers' format (2x smaller sides, so its images are 64 px where SD's VAE makes them
-  256 px);
+  256 px); batches for the evaluator (OpenAI's reference batch, samples) hold 8 random 64 px images, and the
+  Inception weights are a random state dict of the real one's layout;
 - CPU-sized settings appended: a few steps, small batches, no W&B, a narrow network for the large presets;
 - the SLURM scripts are not run here: CI's ``.ci/run`` starts and stops the cluster around ``make test``.
 """
@@ -24,6 +25,8 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 from test_latent import save_tiny_vae
+
+from diffusion.inception import random_inception_state_dict
 
 from conftest import PYTHON, ROOT, TORCHRUN, compose_cfg, load_ckpt
 
@@ -43,7 +46,11 @@ RELEASED = {
     "256x256_diffusion.pt": "unet_256",
     "DiT-XL-2-256x256.pt": "dit_xl_2",
 }
-TRAIN_SIZE = ["max_steps=2", "save_every=0", "log_every=1", "data.batch_size=4", "data.num_workers=0"]
+TRAIN_SIZE = ["max_steps=2", "save_every=0", "log_every=1", "data.batch_size=4", "data.num_workers=0",
+              "eval.num_samples=8"]  # fmt: skip
+# Image batches the evaluation commands read (8 random 64 px images each), and where the Inception weights lie.
+BATCHES = ["VIRTUAL_imagenet64_labeled.npz", "outputs/my_samples/samples.npz", "outputs/ref64.npz"]
+INCEPTION = "inception_weights.pth"
 CPU = ["hardware=cpu", "logger=none"]
 
 
@@ -74,13 +81,13 @@ def workspace(tmp_path_factory) -> Path:
             model = instantiate(compose_cfg([f"model={preset}", *SHRINK[preset]]).model)
         torch.save(model.state_dict(), root / filename)
     save_tiny_vae(root / "vae")
-    for cache in [
-        c for c in COMMANDS if "diffusion.latent_cache" in c
-    ]:  # what the latent training lines read
-        _run(adapt(cache, root))
-    for command in [
-        c for c in COMMANDS if "hydra.run.dir=outputs/" in c
-    ]:  # in README order: a cascade's inputs
+    for k, name in enumerate(BATCHES):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(root / name, arr_0=np.random.default_rng(k).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8))
+    torch.save(random_inception_state_dict(seed=0), root / INCEPTION)
+    # What the latent training lines read, then every line that writes outputs/... in README order (a cascade's
+    # inputs come before it).
+    for command in [c for c in COMMANDS if "diffusion.latent_cache" in c or "hydra.run.dir=outputs/" in c]:
         _run(adapt(command, root))
     return root
 
@@ -96,8 +103,10 @@ def adapt(command: str, root: Path) -> list[str]:
     command = command.replace("/data/imagenet", str(root / "data/imagenet"))
     for word in shlex.split(command.replace("/data/latents", str(root / "data/latents"))):
         key, _, value = word.partition("=")
-        if value.startswith("outputs/") or value in RELEASED:
+        if value.startswith("outputs/") or value in RELEASED or value in BATCHES:
             word = f"{key}={root / value}"
+        elif word.startswith("outputs/") or word in BATCHES:  # a positional path
+            word = str(root / word)
         words.append(word)
     script = next(w for w in words if w.endswith(".py") or w.startswith("diffusion."))
     extra = [o for w in words if w.startswith("model=") for o in SHRINK.get(w.split("=", 1)[1], [])]
@@ -107,6 +116,10 @@ def adapt(command: str, root: Path) -> list[str]:
         extra = []
     elif script == "train.py":
         extra += [*TRAIN_SIZE, *CPU]
+        if "eval=inception" in words:
+            extra += [f"eval.inception_weights={root / INCEPTION}", "solver.steps=5"]
+        if "hydra/sweeper=optuna_objective" in words:
+            extra.append("hydra.sweeper.n_trials=2")
         if "-m" in words:
             extra.append(f"hydra.sweep.dir={root / 'multirun' / slug}")
         elif not any(w.startswith("hydra.run.dir=") for w in words):
@@ -119,6 +132,11 @@ def adapt(command: str, root: Path) -> list[str]:
         extra += ["num_batches=1", "data.batch_size=4", "hardware=cpu", f"hydra.run.dir={root / 'nll'}"]
     elif script == "diffusion.latent_cache":
         extra += ["hardware=cpu", "data.num_workers=0", f"hydra.run.dir={root / 'latent_cache'}"]
+    elif script == "diffusion.evaluate":
+        extra += ["--inception-weights", str(root / INCEPTION), "--no-download", "--device", "cpu"]
+    elif script == "diffusion.reference":
+        extra += ["num_images=8", "hardware=cpu", "data.num_workers=0", f"eval.inception_weights={root / INCEPTION}",
+                  f"hydra.run.dir={root / 'reference' / slug}"]  # fmt: skip
     launcher = {"python": [PYTHON], "torchrun": [TORCHRUN]}[words[0]]
     return launcher + words[1:] + extra
 
@@ -145,6 +163,11 @@ def test_the_block_has_the_commands_a_user_needs():
         "guidance_style=dit",
         "diffusion.latent_cache",
         "data.latent_cache=",
+        "diffusion.evaluate",
+        "diffusion.reference",
+        "eval=inception eval.reference=",
+        "hydra/sweeper=optuna_objective",
+        "diffusion.report",
     ):
         assert any(piece in c for c in COMMANDS), piece
 
@@ -177,3 +200,9 @@ def test_readme_command_runs(command, workspace, request):
         )
     if "init_from=" in command:
         assert "initialised the weights from" in proc.stdout
+    if "diffusion.evaluate" in command:
+        assert all(
+            f"{label}: " in proc.stdout for label in ("Inception Score", "FID", "sFID", "Precision", "Recall")
+        )
+    if "eval=" in command and "-m" not in command:
+        assert "eval at step 2" in proc.stdout
