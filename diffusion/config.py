@@ -376,6 +376,8 @@ def follow_model(*, _root_: Any) -> int:
 
         side *= vae_downsample(vae.name_or_path, vae.cache_dir)
     return side
+
+
 def objective_direction(objective: str) -> str:
     """ "minimize" or "maximize": how ``eval.objective`` improves (a sweeper's direction follows it)."""
     from diffusion.sample_quality import objective_direction

@@ -228,9 +228,9 @@ class SampleQuality:
             return None
         return objective_key(self.objective), OBJECTIVES[self.objective]
 
-    def check_model(self, model: torch.nn.Module) -> None:
-        """ConfigError now, before training, if the model's samples cannot be compared with the reference or
-        guided as asked."""
+    def check_model(self, model: torch.nn.Module, vae=None) -> None:
+        """ConfigError now, before training, if the model's samples (decoded by ``vae`` for a latent model) cannot
+        be compared with the reference or guided as asked."""
         if not self.enabled:
             return
         from diffusion.solvers import check_guidance
@@ -244,6 +244,8 @@ class SampleQuality:
             return
         _, h, w, c = reference.shape
         size, channels = model.image_size, model.in_channels
+        if vae is not None:
+            size, channels = size * vae.downsample, vae.image_channels
         if (h, w) != (size, size) or c != channels:
             raise ConfigError(
                 f"eval.reference={reference.path} holds {h}x{w}x{c} images but the model makes "
@@ -252,13 +254,16 @@ class SampleQuality:
             )
 
     @torch.no_grad()
-    def __call__(self, model: torch.nn.Module, diffusion, solver, step: int, run) -> dict[str, float]:
+    def __call__(
+        self, model: torch.nn.Module, diffusion, solver, step: int, run, decode=None
+    ) -> dict[str, float]:
         """
         Generate ``num_samples`` images spread over the ranks, and score them.
 
         :param model: the network to sample (the first EMA), in eval mode, on ``run.hw.device``.
         :param diffusion: the process it was trained with; ``solver``: the task's solver.
         :param run: the engine's :class:`diffusion.tasks.RunContext` (hardware, ranks, seed).
+        :param decode: turns the model's samples into images in [-1, 1] (a latent model's VAE decoder).
         :return: {"eval/fid", "eval/sfid", "eval/is", "eval/precision", "eval/recall", "eval/seconds"}, the same
             on every rank; {} when ``features`` is "none".
         """
@@ -305,6 +310,8 @@ class SampleQuality:
                 self.guidance_scale,
                 autocast=hw.autocast(),
             )
+            if decode is not None:
+                x = decode(x)
             parts.append(evaluator.extract(to_uint8_tensor(x)))
             bar.update(len(idx))
         bar.close()

@@ -143,7 +143,9 @@ class DiffusionTask(Task):
         self.class_cond = model.num_classes is not None
         self.vae = getattr(data, "vae", None)
         if self.evaluation is not None:
-            self.evaluation.check_model(model)  # a reference of another size fails now, not at the first eval
+            self.evaluation.check_model(
+                model, self.vae
+            )  # a reference of another size fails now, not at the first eval
         return model, config
 
     def losses(self, net: nn.Module, x: Tensor, y: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
@@ -160,25 +162,28 @@ class DiffusionTask(Task):
         if self.solver is None:
             return None
         classes = torch.arange(n) % model.num_classes if model.num_classes else None
-        if self.vae is None:
-            return generate(
-                model, self.diffusion, self.solver, range(n), seed, hw.device, classes, autocast=hw.autocast()
-            )
-        from diffusion.latent import latent_solver
-
-        z = generate(
-            model, self.diffusion, latent_solver(self.solver), range(n), seed, hw.device, classes,
-            autocast=hw.autocast(),
-        )  # fmt: skip
-        self.vae = self.vae.on(hw.device)  # decoded where the model runs; the loader keeps its own copy
-        return self.vae.decode(z)
-
+        solver, decode = self._sampling(hw)
+        x = generate(
+            model, self.diffusion, solver, range(n), seed, hw.device, classes, autocast=hw.autocast()
+        )
+        return x if decode is None else decode(x)
 
     def evaluate(self, model: nn.Module, step: int, run: RunContext) -> dict[str, float]:
         """The evaluation's scores of ``num_samples`` samples of ``model`` ("eval/fid"...); {} without one."""
         if self.evaluation is None:
             return {}
-        return self.evaluation(model, self.diffusion, self.solver, step, run)
+        solver, decode = self._sampling(run.hw)
+        return self.evaluation(model, self.diffusion, solver, step, run, decode=decode)
+
+    def _sampling(self, hw):
+        """The solver and the decoder (None in pixel space) of the images this task makes: latents are decoded by
+        the data's VAE, where the model runs, and their x0 predictions are not clamped (they are not bounded)."""
+        if self.vae is None or self.solver is None:
+            return self.solver, None
+        from diffusion.latent import latent_solver
+
+        self.vae = self.vae.on(hw.device)  # the loader keeps its own copy
+        return latent_solver(self.solver), self.vae.decode
 
     @property
     def objective(self) -> tuple[str, str] | None:

@@ -17,7 +17,8 @@ from diffusion.config import LOADER_KEYS, component_schemas
 
 from conftest import CONF, ROOT, compose_cfg
 
-GROUPS = ["model", "diffusion", "data", "optim", "sampler", "hardware", "logger", "solver", "task", "vae", "eval"]
+GROUPS = ["model", "diffusion", "data", "optim", "sampler", "hardware", "logger", "solver", "task", "vae"]
+GROUPS += ["eval"]
 RELEASED = {
     "unet_64": "64x64_diffusion",
     "unet_128": "128x128_diffusion",

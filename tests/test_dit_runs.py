@@ -4,6 +4,7 @@ a DiT side by side."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 
@@ -132,3 +133,14 @@ def test_a_sweep_trains_a_unet_and_a_dit_in_one_command(tmp_path):
         assert state["step"] == 1
         targets.append(OmegaConf.create(state["model_config"])._target_)
     assert targets == ["diffusion.unet.UNetModel", "diffusion.dit.DiT"]
+
+
+def test_a_latent_model_is_evaluated_on_its_decoded_images(tmp_path, vaes):
+    """The in-training evaluation scores what the VAE decodes (8x8 RGB digits), not the 4x4x4 latents."""
+    cfg = compose_cfg(
+        [*TINY_DIT, *RUN, *latent(vaes["vae"]), "max_steps=1", "eval=digits", "eval.num_samples=20"]
+    )
+    metrics = train(cfg, tmp_path)
+    assert {"eval/fid", "eval/sfid", "eval/is", "eval/precision", "eval/recall"} <= set(metrics)
+    assert all(math.isfinite(metrics[k]) for k in ("eval/fid", "eval/sfid", "eval/is"))
+    assert (tmp_path / "checkpoints/best.pt").is_file()
