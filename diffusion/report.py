@@ -2,8 +2,8 @@
 
     python -m diffusion.report RUN_DIR
 
-reads ``RUN_DIR/metrics.jsonl`` (written by :class:`diffusion.loggers.JsonlLogger` with ``logger=none``) and
-writes beside it:
+reads ``RUN_DIR/metrics.jsonl`` (written by :class:`diffusion.loggers.JsonlLogger` with ``logger=none``), or the
+run's offline W&B files when it logged to W&B, and writes into RUN_DIR:
 
 - ``loss.png``: one panel per loss term (``train/loss``, ``train/mse``, ``train/vb``, ...), its mean and the
   means over each quarter of the timesteps (``_q0`` .. ``_q3``), on a log scale when all values are positive;
@@ -65,30 +65,50 @@ def read_series(path: str | Path) -> Series:
         raise ReportError(
             f"{path} does not exist: give the directory of a run trained with logger=none (it holds {METRICS_FILE})"
         )
-    values: dict[str, dict[int, float]] = {}
+    records = []
     with open(path) as f:
         lines = f.readlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             if number == len(lines):  # the run was killed while writing it
                 continue
             raise ReportError(
                 f"line {number} of {path} is not JSON: {line[:60]!r}; remove or fix it"
             ) from None
+    return _series(records, path)
+
+
+def read_run(run_dir: str | Path) -> Series:
+    """The run's metrics: its metrics.jsonl (logger=none), or else what W&B wrote to its offline run files
+    (logger=wandb), read back with W&B's own reader."""
+    run_dir = Path(run_dir)
+    if (run_dir / METRICS_FILE).is_file() or not any(run_dir.glob("wandb/*run-*/run-*.wandb")):
+        return read_series(run_dir / METRICS_FILE)
+    from diffusion.loggers import read_wandb_history
+
+    _, _, rows = read_wandb_history(str(run_dir))
+    return _series(({**row, "step": row.get("_step")} for row in rows), run_dir / "wandb")
+
+
+def _series(records: Iterable[Mapping], source: Path) -> Series:
+    """(steps, values) of every numeric key of ``records`` (dicts with an int "step"); a later value of a step
+    replaces an earlier one."""
+    values: dict[str, dict[int, float]] = {}
+    for record in records:
         step = record.get("step")
         if not isinstance(step, int):
             continue
         for key, value in record.items():
-            if key == "step" or isinstance(value, bool) or not isinstance(value, int | float):
+            if key in ("step", "_step") or isinstance(value, bool) or not isinstance(value, int | float):
                 continue
             values.setdefault(key, {})[step] = float(value)
     if not values:
         raise ReportError(
-            f"{path} has no metrics to plot: the run has not logged yet (it logs every log_every steps)"
+            f"{source} has no metrics to plot: the run has not logged yet (it logs every log_every steps)"
         )
     series = {}
     for key, by_step in values.items():
@@ -157,15 +177,15 @@ def build_figures(series: Series) -> dict[str, Figure]:
 
 def write_report(run_dir: str | Path) -> list[Path]:
     """
-    Draw the curves of ``run_dir/metrics.jsonl`` into PNG files beside it.
+    Draw the curves of ``run_dir/metrics.jsonl`` (or of the run's W&B files) into PNG files in ``run_dir``.
 
     :return: the files written.
     :raises ReportError: nothing to plot (see :func:`read_series`).
     """
     run_dir = Path(run_dir)
-    figures = build_figures(read_series(run_dir / METRICS_FILE))
+    figures = build_figures(read_run(run_dir))
     if not figures:
-        raise ReportError(f"{run_dir / METRICS_FILE} has no train/ or eval/ metrics to plot")
+        raise ReportError(f"the run in {run_dir} has no train/ or eval/ metrics to plot")
     written = []
     for name, figure in figures.items():
         figure.suptitle(f"{run_dir.name}: {name.removesuffix('.png')}")
@@ -176,7 +196,7 @@ def write_report(run_dir: str | Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffusion.report", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="a run directory holding metrics.jsonl (logger=none)")
+    parser.add_argument("run_dir", help="a run directory: metrics.jsonl (logger=none) or its wandb/ files")
     args = parser.parse_args(argv)
     try:
         written = write_report(args.run_dir)

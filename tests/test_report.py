@@ -131,3 +131,23 @@ def test_missing_and_empty_metrics_get_one_line(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "samples": "images/a.png"}) + "\n")
     assert main([str(tmp_path)]) == 1
     assert "has no metrics to plot" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_wandb_run_is_read_from_its_offline_files(tmp_path, isolated_wandb):
+    """With logger=wandb there is no metrics.jsonl: the report reads what W&B wrote, with W&B's own reader."""
+    from diffusion.loggers import WandbLogger
+
+    logger = WandbLogger(mode="offline")
+    logger.start(str(tmp_path), config={}, name="test")
+    for step in range(1, 6):
+        logger.log({"train/loss": 1.0 / step, "train/loss_q0": 2.0 / step, "eval/fid": 50.0 - step}, step)
+    logger.finish()
+    assert not (tmp_path / "metrics.jsonl").exists()
+    written = write_report(tmp_path)
+    assert sorted(p.name for p in written) == ["eval.png", "loss.png"]
+    from diffusion.report import read_run
+
+    series = read_run(tmp_path)
+    np.testing.assert_array_equal(series["eval/fid"][0], [1, 2, 3, 4, 5])
+    np.testing.assert_allclose(series["train/loss"][1], [1.0 / s for s in range(1, 6)])
