@@ -29,7 +29,8 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message says which file and why."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk (a rename is durable once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -51,7 +52,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if e.errno == errno.ENOSPC:
@@ -71,7 +72,7 @@ def point_latest(ckpt_dir: Path, target: Path) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(target.name, tmp)
     os.replace(tmp, ckpt_dir / LATEST)
-    _fsync_dir(ckpt_dir)
+    fsync_path(ckpt_dir)
 
 
 def save_checkpoint(

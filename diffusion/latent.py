@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from diffusion.checkpoint import fsync_path
 from diffusion.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -425,14 +426,6 @@ class _Items(Dataset):
         return load(index, np.random.default_rng(index))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_cache(
     dataset: Dataset,
     vae: LatentVAE,
@@ -470,10 +463,10 @@ def _write_cache(
         array.flush()
     del mean, std, labels
     for name in _ARRAYS:
-        _fsync(tmp / name)
+        fsync_path(tmp / name)
     # meta.json last: a directory with it is complete.
     (tmp / _META).write_text(json.dumps(meta, indent=1))
-    _fsync(tmp / _META)
+    fsync_path(tmp / _META)
 
 
 def build_latent_cache(
@@ -552,7 +545,7 @@ def _move_into_place(tmp: Path, path: Path, replacing: bool) -> None:
     if old is not None:
         # Readers that opened the old arrays keep their memory maps until they close them.
         shutil.rmtree(old, ignore_errors=True)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 class LatentDataset(Dataset):

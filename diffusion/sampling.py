@@ -125,28 +125,9 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, object, dict]:
             f"classifier={cfg.checkpoint}{' classifier_model=<its preset>' if plain else ''} and a diffusion "
             "model as checkpoint="
         )
-    with torch.device("meta"):
-        model = build(model_cfg)
-    problem = ckpt.describe_mismatch(model, weights)
-    if problem:
-        presets = matching_presets(weights)
-        classifiers = [p for p in presets if is_classifier(_compose_model(p))]
-        if classifiers:
-            raise SamplingError(
-                f"checkpoint={cfg.checkpoint} is a noisy-image classifier (it matches model={classifiers[0]}): give "
-                f"it as classifier={cfg.checkpoint} classifier_model={classifiers[0]}, and a diffusion model as "
-                "checkpoint="
-            )
-        hint = (
-            f"The file matches model={' / model='.join(presets)}."
-            if presets
-            else "No model preset matches it."
-        )
-        raise SamplingError(f"{cfg.checkpoint} does not fit the chosen model: {problem}. {hint}")
-    # The meta-device network takes the loaded tensors as they are: no random initialisation to throw away.
-    # Weights stay fp32 whatever the file holds; the hardware group's autocast decides the compute precision.
-    model.load_state_dict(weights, strict=True, assign=True)
-    model.float()
+    model = load_network(
+        model_cfg, weights, f"{cfg.checkpoint} does not fit the chosen model", cfg.checkpoint
+    )
     diffusion = build(diffusion_cfg)
     expected = model.in_channels * (2 if diffusion.learns_sigma else 1)
     if model.out_channels != expected:
@@ -155,6 +136,39 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, object, dict]:
             f"{diffusion.model_var_type} expects {expected}: choose the diffusion preset the model was trained with"
         )
     return model.eval(), diffusion, info
+
+
+def load_network(config, weights: dict, what: str, checkpoint: str | None = None) -> torch.nn.Module:
+    """The network of ``config`` with ``weights`` loaded strictly, fp32, in eval mode, on the CPU.
+
+    It is built on the meta device and takes the loaded tensors as they are: no random initialisation to throw
+    away. Weights stay fp32 whatever the file holds; the hardware group's autocast decides the compute precision.
+
+    :param what: the start of the message when the file does not fit; the mismatch and the presets the file
+        matches follow it.
+    :param checkpoint: the ``checkpoint=`` value, when the file was given as a diffusion model: a file that
+        matches a classifier preset is then named as a classifier given in the wrong place.
+    """
+    with torch.device("meta"):
+        network = build(config)
+    problem = ckpt.describe_mismatch(network, weights)
+    if problem:
+        presets = matching_presets(weights)
+        classifiers = [p for p in presets if is_classifier(_compose_model(p))]
+        if checkpoint is not None and classifiers:
+            raise SamplingError(
+                f"checkpoint={checkpoint} is a noisy-image classifier (it matches model={classifiers[0]}): give "
+                f"it as classifier={checkpoint} classifier_model={classifiers[0]}, and a diffusion model as "
+                "checkpoint="
+            )
+        hint = (
+            f"The file matches model={' / model='.join(presets)}."
+            if presets
+            else "No model preset matches it."
+        )
+        raise SamplingError(f"{what}: {problem}. {hint}")
+    network.load_state_dict(weights, strict=True, assign=True)
+    return network.float().eval()
 
 
 def class_labels(
@@ -415,19 +429,8 @@ def load_classifier(cfg: DictConfig, model: torch.nn.Module) -> torch.nn.Module 
                 f"e.g. classifier_model=classifier_64{fits}"
             )
         config, weights = _classifier_preset(cfg.classifier_model), state
-    with torch.device("meta"):
-        classifier = build(config)
-    problem = ckpt.describe_mismatch(classifier, weights)
-    if problem:
-        presets = matching_presets(weights)
-        hint = (
-            f"The file matches model={' / model='.join(presets)}."
-            if presets
-            else "No model preset matches it."
-        )
-        raise SamplingError(f"classifier={path} does not fit its classifier model: {problem}. {hint}")
-    classifier.load_state_dict(weights, strict=True, assign=True)
-    classifier = classifier.float().eval().requires_grad_(False)
+    classifier = load_network(config, weights, f"classifier={path} does not fit its classifier model")
+    classifier.requires_grad_(False)
 
     theirs = (classifier.in_channels, classifier.image_size, classifier.image_size)
     ours = (model.in_channels, model.image_size, model.image_size)

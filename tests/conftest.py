@@ -124,3 +124,13 @@ def slurm_cluster() -> None:
         if required:
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory):
+    """A random-weights Inception file in the real file's format (a plain state dict saved with torch.save)."""
+    from diffusion.inception import WEIGHTS_FILENAME, random_inception_state_dict
+
+    path = tmp_path_factory.mktemp("inception") / WEIGHTS_FILENAME
+    torch.save(random_inception_state_dict(seed=0), path)
+    return path

@@ -11,6 +11,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from test_dit import randomise
 from test_latent import Squares, save_tiny_vae
 
 from diffusion import checkpoint as ckpt
@@ -54,16 +55,6 @@ def vae_dir(tmp_path_factory):
 
 def shapes(model: torch.nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
-
-
-def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Weights with visible effect everywhere (a fresh DiT's adaLN-Zero output is exactly 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------------------

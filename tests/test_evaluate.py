@@ -14,17 +14,10 @@ from diffusion.data import Digits
 from diffusion.digit_judge import train_digit_classifier
 from diffusion.evaluate import METRICS, Evaluator, main
 from diffusion.images import to_uint8
-from diffusion.inception import WEIGHTS_FILENAME, WEIGHTS_URL, random_inception_state_dict
+from diffusion.inception import WEIGHTS_FILENAME, WEIGHTS_URL
 from diffusion.metrics import feature_statistics, frechet_distance
 
 LINES = ("Inception Score", "FID", "sFID", "Precision", "Recall")
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("inception") / WEIGHTS_FILENAME
-    torch.save(random_inception_state_dict(seed=0), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,6 @@ from diffusion.inception import (
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """A random-weights file in the real file's format (a plain state dict saved with torch.save)."""
-    path = tmp_path_factory.mktemp("inception") / WEIGHTS_FILENAME
-    torch.save(random_inception_state_dict(seed=0), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def ours(weights):
     return InceptionFeatures(weights, download=False)
 
