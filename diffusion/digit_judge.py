@@ -195,20 +195,6 @@ def per_class_accuracy(predictions: np.ndarray, labels: np.ndarray) -> dict[int,
     }
 
 
-def evaluate_samples(path: str, classifier: DigitClassifier | None = None) -> dict:
-    """
-    Evaluate a samples.npz file (``arr_0`` images, optional ``arr_1`` labels) with :func:`judge_samples`.
-    """
-    with np.load(path) as npz:
-        if "arr_0" not in npz:
-            raise ConfigError(
-                f"{path} has no arr_0 (the uint8 [N x H x W x C] samples); it holds {npz.files}"
-            )
-        images = npz["arr_0"]
-        labels = npz["arr_1"] if "arr_1" in npz else None
-    return judge_samples(images, labels, classifier, path=path)
-
-
 def judge_samples(
     images: np.ndarray, labels: np.ndarray | None, classifier: DigitClassifier | None = None, path: str = ""
 ) -> dict:

@@ -10,8 +10,8 @@ from diffusion.digit_judge import (
     DigitFeatures,
     digit_accuracy,
     digit_features,
-    evaluate_samples,
     format_report,
+    judge_samples,
     per_class_accuracy,
     real_digit_images,
     train_digit_classifier,
@@ -81,11 +81,9 @@ def test_bad_inputs_are_named(classifier, images, labels, match):
         digit_accuracy(images, labels, classifier)
 
 
-def test_report_from_a_samples_file(classifier, tmp_path):
+def test_report_on_samples_with_and_without_labels(classifier):
     images, labels = _render(classifier.held_out[:100], 16, 1)
-    path = tmp_path / "samples.npz"
-    np.savez(path, images, labels)
-    report = evaluate_samples(str(path), classifier)
+    report = judge_samples(images, labels, classifier, path="samples.npz")
     assert report["num_samples"] == 100 and report["accuracy"] > 0.95
     assert sum(report["per_class_count"]) == 100 and sum(report["predicted_counts"]) == 100
     assert set(report["per_class_accuracy"]) == set(np.unique(labels).tolist())
@@ -94,9 +92,7 @@ def test_report_from_a_samples_file(classifier, tmp_path):
         f"accuracy vs conditioning labels: {report['accuracy']:.4f}" in text and "per-class accuracy" in text
     )
 
-    unconditional = tmp_path / "uncond.npz"
-    np.savez(unconditional, images)
-    report = evaluate_samples(str(unconditional), classifier)
+    report = judge_samples(images, None, classifier)  # an unconditional model's samples
     assert "accuracy" not in report and sum(report["predicted_counts"]) == 100
     assert "no arr_1 labels" in format_report(report)
 
