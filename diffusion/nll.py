@@ -157,13 +157,14 @@ def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    from diffusion.config_errors import run_main
     from diffusion.errors import exit_on_user_error
 
     @hydra.main(config_path=str(CONF_DIR), config_name="nll", version_base="1.3")
     def run(cfg: DictConfig) -> None:
         exit_on_user_error(lambda: evaluate(cfg, HydraConfig.get().runtime.output_dir), log)
 
-    run()
+    run_main(run)  # a config that does not compose: one line naming the key and the fix
 
 
 if __name__ == "__main__":

@@ -147,13 +147,14 @@ def write_reference(cfg: DictConfig) -> Path:
 def main() -> None:
     import hydra
 
+    from diffusion.config_errors import run_main
     from diffusion.errors import exit_on_user_error
 
     @hydra.main(config_path=str(CONF_DIR), config_name="reference", version_base="1.3")
     def run(cfg: DictConfig) -> None:
         exit_on_user_error(lambda: write_reference(cfg), log)
 
-    run()
+    run_main(run)  # a config that does not compose: one line naming the key and the fix
 
 
 if __name__ == "__main__":
