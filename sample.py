@@ -13,20 +13,22 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import diffusion  # noqa: F401  (registers the config schemas)
+import diffusion
 from diffusion.errors import exit_on_user_error
+
+diffusion.register()  # the config schemas, before @hydra.main composes
 
 log = logging.getLogger("sample")
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from diffusion.sampling import sample
+    from diffusion.sample import sample
 
     exit_on_user_error(lambda: sample(cfg, HydraConfig.get().runtime.output_dir), log)
 
 
 if __name__ == "__main__":
-    from diffusion.config_errors import run_main
+    from diffusion.config.explain import run_main
 
     run_main(main)  # a config that does not compose: one line naming the key and the fix

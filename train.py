@@ -13,17 +13,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-import diffusion  # noqa: F401  (registers the config schemas)
+import diffusion
 from diffusion.errors import exit_on_user_error
+
+diffusion.register()  # the config schemas, before @hydra.main composes
 
 log = logging.getLogger("train")
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from diffusion.loggers import run_name_and_group
-    from diffusion.sample_quality import objective_value
-    from diffusion.training import train
+    from diffusion.engine.loggers import run_name_and_group
+    from diffusion.engine.training import train
+    from diffusion.evaluation.sample_quality import objective_value
 
     hydra_cfg = HydraConfig.get()
     name, group = run_name_and_group(hydra_cfg)
@@ -40,6 +42,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    from diffusion.config_errors import run_main
+    from diffusion.config.explain import run_main
 
     run_main(main)  # a config that does not compose: one line naming the key and the fix

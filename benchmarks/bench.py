@@ -49,14 +49,16 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import diffusion  # noqa: E402, F401  (registers the config schemas)
-from diffusion.tasks import Task  # noqa: E402
-from diffusion.training import (  # noqa: E402
+import diffusion  # noqa: E402
+
+diffusion.register()
+from diffusion.engine.tasks import Task  # noqa: E402
+from diffusion.engine.training import (  # noqa: E402
     StepPlan,
     TrainState,
     build_task,
 )
-from diffusion.training import train_step as engine_train_step  # noqa: E402
+from diffusion.engine.training import train_step as engine_train_step  # noqa: E402
 
 THREADS = 2
 MODELS = ("unet_digits", "unet_32", "unet_64", "dit_s_2", "dit_b_2")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from diffusion.data import ImageFolder, InfiniteLoader
+from diffusion.data.datasets import ImageFolder, InfiniteLoader
 
 IMAGE_SIZE = 64
 SOURCE_SIZE = 256

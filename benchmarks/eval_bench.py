@@ -30,13 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from diffusion.evaluate import Evaluator  # noqa: E402
-from diffusion.inception import (  # noqa: E402
+from diffusion.evaluation.inception import (  # noqa: E402
     WEIGHTS_FILENAME,
     InceptionWeightsError,
     find_inception_weights,
     random_inception_state_dict,
 )
-from diffusion.metrics import feature_statistics, frechet_distance, precision_recall  # noqa: E402
+from diffusion.evaluation.metrics import feature_statistics, frechet_distance, precision_recall  # noqa: E402
 
 DEFAULT_BATCHES = {"cpu": (1, 8, 32), "cuda": (50, 200, 500)}
 

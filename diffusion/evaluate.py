@@ -3,7 +3,7 @@
     python -m diffusion.evaluate REF_BATCH.npz SAMPLE_BATCH.npz [--inception-weights PATH]
     python -m diffusion.evaluate --features digits [REF_BATCH.npz] SAMPLE_BATCH.npz
 
-Batches are ``.npz`` files with ``arr_0`` uint8 [N x H x W x C] images (see :mod:`diffusion.batch_files`); a
+Batches are ``.npz`` files with ``arr_0`` uint8 [N x H x W x C] images (see :mod:`diffusion.evaluation.batch_files`); a
 reference batch may carry precomputed statistics (OpenAI's published reference batches work as they are). The
 reference images are always read: precision and recall compare the samples with them. Printed, as OpenAI's
 evaluator prints them: ``Inception Score: <float>``, ``FID: <float>``, ``sFID: <float>``, ``Precision: <float>``,
@@ -11,8 +11,8 @@ evaluator prints them: ``Inception Score: <float>``, ``FID: <float>``, ``sFID: <
 
 Feature sets (``--features``):
 
-- ``inception`` (default): ADM's Inception-v3 features (:mod:`diffusion.inception`);
-- ``digits``: the digit judge's features (:class:`diffusion.digit_judge.DigitFeatures`), for the built-in 8x8
+- ``inception`` (default): ADM's Inception-v3 features (:mod:`diffusion.evaluation.inception`);
+- ``digits``: the digit judge's features (:class:`diffusion.evaluation.digit_judge.DigitFeatures`), for the built-in 8x8
   digits run; the reference defaults to the real digits the judge never saw, and the judge's accuracy report
   is printed too.
 
@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffusion.batch_files import BatchFile, BatchFileError, check_same_format, open_batch
 from diffusion.errors import ConfigError, UserError
-from diffusion.metrics import (
+from diffusion.evaluation.batch_files import BatchFile, BatchFileError, check_same_format, open_batch
+from diffusion.evaluation.metrics import (
     DISTANCE_PRECISIONS,
     FeatureStatistics,
     exact_fp32,
@@ -81,13 +81,13 @@ class FeatureSet(Protocol):
 
 
 def _inception(inception_weights: str | Path | None, download_weights: bool) -> FeatureSet:
-    from diffusion.inception import InceptionFeatures
+    from diffusion.evaluation.inception import InceptionFeatures
 
     return InceptionFeatures(inception_weights, download=download_weights)
 
 
 def _digits(inception_weights: str | Path | None, download_weights: bool) -> FeatureSet:
-    from diffusion.digit_judge import DigitFeatures
+    from diffusion.evaluation.digit_judge import DigitFeatures
 
     return DigitFeatures()
 
@@ -401,7 +401,7 @@ def run(args: argparse.Namespace) -> dict:
         **metrics,
     }
     if args.features == "digits":
-        from diffusion.digit_judge import judge_samples
+        from diffusion.evaluation.digit_judge import judge_samples
 
         judge = evaluator.feature_set.classifier
         results["digit_judge"] = judge_samples(sample.images(), sample.labels(), judge, path=str(sample.path))
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results))
         return 0
     if "digit_judge" in results:
-        from diffusion.digit_judge import format_report
+        from diffusion.evaluation.digit_judge import format_report
 
         print(format_report(results["digit_judge"]))
         print(

@@ -19,9 +19,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from diffusion import CONF_DIR
+from diffusion import CONF_DIR, register
 from diffusion.config import LOADER_KEYS, build
-from diffusion.latent import LatentDataset, LatentError, build_latent_cache
+from diffusion.data.latent import LatentDataset, build_latent_cache
+from diffusion.models.vae import LatentError
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,10 @@ def write_latent_cache(cfg: DictConfig) -> LatentDataset:
 
 
 def main() -> None:
+    register()
     import hydra
 
-    from diffusion.config_errors import run_main
+    from diffusion.config.explain import run_main
     from diffusion.errors import exit_on_user_error
 
     @hydra.main(config_path=str(CONF_DIR), config_name="latent_cache", version_base="1.3")

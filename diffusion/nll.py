@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion import CONF_DIR
+from diffusion import CONF_DIR, register
 from diffusion.config import LOADER_KEYS, build
-from diffusion.data import InfiniteLoader
-from diffusion.distributed import DistEnv, all_gather_object, cleanup_distributed, init_distributed
-from diffusion.gaussian_diffusion import GaussianDiffusion
-from diffusion.sampling import SamplingError, check_complete, load_model, sampling_hardware
-from diffusion.solvers import derived_seed
+from diffusion.data.datasets import InfiniteLoader
+from diffusion.process.gaussian import GaussianDiffusion
+from diffusion.runtime.distributed import DistEnv, all_gather_object, cleanup_distributed, init_distributed
+from diffusion.sample import SamplingError, check_complete, load_model, sampling_hardware
+from diffusion.sampling.solvers import derived_seed
 
 log = logging.getLogger(__name__)
 TERMS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")
@@ -154,10 +154,11 @@ def _evaluate(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict | None:
 
 
 def main() -> None:
+    register()
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from diffusion.config_errors import run_main
+    from diffusion.config.explain import run_main
     from diffusion.errors import exit_on_user_error
 
     @hydra.main(config_path=str(CONF_DIR), config_name="nll", version_base="1.3")

@@ -25,10 +25,10 @@ from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion import CONF_DIR
+from diffusion import CONF_DIR, register
 from diffusion.config import LOADER_KEYS, build
+from diffusion.data.images import to_uint8
 from diffusion.errors import ConfigError
-from diffusion.images import to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,9 @@ def choose_images(count: int, num_images: int, seed: int) -> np.ndarray:
 
 def write_reference(cfg: DictConfig) -> Path:
     """Write the reference batch ``cfg.out`` (see the module docstring); returns its path."""
-    from diffusion.batch_files import write_reference_batch
     from diffusion.evaluate import Evaluator
-    from diffusion.sampling import check_complete
+    from diffusion.evaluation.batch_files import write_reference_batch
+    from diffusion.sample import check_complete
 
     check_complete(cfg)
     try:
@@ -145,9 +145,10 @@ def write_reference(cfg: DictConfig) -> Path:
 
 
 def main() -> None:
+    register()
     import hydra
 
-    from diffusion.config_errors import run_main
+    from diffusion.config.explain import run_main
     from diffusion.errors import exit_on_user_error
 
     @hydra.main(config_path=str(CONF_DIR), config_name="reference", version_base="1.3")

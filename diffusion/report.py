@@ -2,7 +2,7 @@
 
     python -m diffusion.report RUN_DIR
 
-reads ``RUN_DIR/metrics.jsonl`` (written by :class:`diffusion.loggers.JsonlLogger` with ``logger=none``), or the
+reads ``RUN_DIR/metrics.jsonl`` (written by :class:`diffusion.engine.loggers.JsonlLogger` with ``logger=none``), or the
 run's offline W&B files when it logged to W&B, and writes into RUN_DIR:
 
 - ``loss.png``: one panel per loss term (``train/loss``, ``train/mse``, ``train/vb``, ...), its mean and the
@@ -88,7 +88,7 @@ def read_run(run_dir: str | Path) -> Series:
     run_dir = Path(run_dir)
     if (run_dir / METRICS_FILE).is_file() or not any(run_dir.glob("wandb/*run-*/run-*.wandb")):
         return read_series(run_dir / METRICS_FILE)
-    from diffusion.loggers import read_wandb_history
+    from diffusion.engine.loggers import read_wandb_history
 
     _, _, rows = read_wandb_history(str(run_dir))
     return _series(({**row, "step": row.get("_step")} for row in rows), run_dir / "wandb")

@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 import diffusion
-from diffusion.data import Digits
-from diffusion.digit_judge import train_digit_classifier
-from diffusion.images import to_uint8
-from diffusion.sampling import load_model, sample
+from diffusion.data.datasets import Digits
+from diffusion.data.images import to_uint8
+from diffusion.evaluation.digit_judge import train_digit_classifier
+from diffusion.sample import load_model, sample
 
 
 def sample_cfg(overrides: list[str]):
+    diffusion.register()
     with initialize_config_dir(str(diffusion.CONF_DIR), version_base="1.3"):
         return compose("sample", overrides=["hardware=cpu", "hardware.num_threads=1", *overrides])
 

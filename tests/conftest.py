@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from diffusion.config import register_configs, register_resolvers
+import diffusion
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -34,8 +34,7 @@ TINY = [
     "save_every=0",
 ]
 
-register_configs()
-register_resolvers()
+diffusion.register()
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
@@ -129,7 +128,7 @@ def slurm_cluster() -> None:
 @pytest.fixture(scope="session")
 def weights(tmp_path_factory):
     """A random-weights Inception file in the real file's format (a plain state dict saved with torch.save)."""
-    from diffusion.inception import WEIGHTS_FILENAME, random_inception_state_dict
+    from diffusion.evaluation.inception import WEIGHTS_FILENAME, random_inception_state_dict
 
     path = tmp_path_factory.mktemp("inception") / WEIGHTS_FILENAME
     torch.save(random_inception_state_dict(seed=0), path)

@@ -32,9 +32,9 @@ def tiny_classifier() -> torch.nn.Module:
 
 def pinned_samples(checkpoint: Path = CHECKPOINT) -> dict[str, torch.Tensor]:
     """Four images of each (solver, case) at seed 7: {"ddpm/cfg": [4 x 1 x 8 x 8] Tensor, ...}."""
-    from diffusion.guidance import classifier_cond_fn
-    from diffusion.sampling import load_model
-    from diffusion.solvers import generate
+    from diffusion.sample import load_model
+    from diffusion.sampling.guidance import classifier_cond_fn
+    from diffusion.sampling.solvers import generate
 
     from conftest import compose_cfg
 
@@ -64,7 +64,7 @@ def write_fixtures() -> None:
     samples."""
     import tempfile
 
-    from diffusion.training import train
+    from diffusion.engine.training import train
 
     from conftest import tiny_cfg
 

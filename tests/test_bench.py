@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion.training import draw_for_batch
-from diffusion.unet import AttentionBlock, Dropout
+from diffusion.engine.training import draw_for_batch
+from diffusion.models.unet import AttentionBlock, Dropout
 
 from conftest import ROOT, TINY, compose_cfg, run_script
 

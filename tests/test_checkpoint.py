@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from diffusion import checkpoint as ckpt
+from diffusion.engine import checkpoint as ckpt
 
 
 def state(v: float) -> dict:

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffusion import training
-from diffusion.data import Digits, ImageFolder, digits_split
-from diffusion.digit_judge import train_digit_classifier
+from diffusion.data.datasets import Digits, ImageFolder, digits_split
+from diffusion.engine import training as training
+from diffusion.engine.loggers import read_metrics_jsonl, read_wandb_history
+from diffusion.engine.tasks import RunContext, classification_terms
+from diffusion.engine.training import train
 from diffusion.errors import UserError
-from diffusion.loggers import read_metrics_jsonl, read_wandb_history
-from diffusion.tasks import RunContext, classification_terms
-from diffusion.training import train
+from diffusion.evaluation.digit_judge import train_digit_classifier
 
 from conftest import ROOT, TORCHRUN, assert_state_equal, compose_cfg, load_ckpt
 
@@ -183,7 +183,7 @@ def test_train_and_val_accuracy_reach_the_wandb_files(tmp_path):
     cfg = classifier_cfg("logger=wandb", "logger.mode=offline", "max_steps=4", "log_every=2", "eval_every=2")
     train(cfg, tmp_path, name="classifier")
     _, config, rows = read_wandb_history(str(tmp_path))
-    assert config["task"]["_target_"] == "diffusion.tasks.ClassifierTask"
+    assert config["task"]["_target_"] == "diffusion.engine.tasks.ClassifierTask"
     train_rows = [r for r in rows if "train/loss" in r]
     val_rows = [r for r in rows if "val/loss" in r]
     assert [r["_step"] for r in train_rows] == [2, 4] and [r["_step"] for r in val_rows] == [2, 4]

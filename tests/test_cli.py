@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion.loggers import _wandb_records
+from diffusion.engine.loggers import _wandb_records
 
 from conftest import ROOT, TINY, load_ckpt, run_script
 
@@ -53,7 +53,7 @@ def test_train_py_alone_names_data_dir_and_the_digits_recipe(tmp_path):
 def test_a_bug_keeps_its_traceback(tmp_path):
     """A ValueError raised by code (here a network's forward) is not a user error: it is not cut to one line."""
     (tmp_path / "buggy.py").write_text(
-        "from diffusion.unet import UNetModel\n\n\n"
+        "from diffusion.models.unet import UNetModel\n\n\n"
         "class BuggyUNet(UNetModel):\n"
         "    def forward(self, x, t, y=None):\n"
         "        raise ValueError('an internal bug in forward')\n"

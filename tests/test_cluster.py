@@ -15,7 +15,7 @@ import pytest
 import submitit
 import torch.distributed as dist
 
-from diffusion.cluster import PreemptionGuard, preemption_signal
+from diffusion.engine.cluster import PreemptionGuard, preemption_signal
 
 USR2, TERM = signal.SIGUSR2, signal.SIGTERM
 

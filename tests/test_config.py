@@ -13,7 +13,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError
 
-from diffusion.config import LOADER_KEYS, component_schemas
+from diffusion.config import LOADER_KEYS
+from diffusion.config.store import component_schemas
 
 from conftest import CONF, ROOT, compose_cfg
 
@@ -62,11 +63,11 @@ def test_an_option_holds_only_what_differs_from_what_it_extends(group):
 
 
 def test_schemas_take_their_defaults_from_the_constructors():
-    from diffusion.solvers import DDIM
-    from diffusion.unet import UNetModel
+    from diffusion.models.unet import UNetModel
+    from diffusion.sampling.solvers import DDIM
 
     unet = OmegaConf.structured(component_schemas()["schema_unet"])
-    assert unet._target_ == "diffusion.unet.UNetModel" and OmegaConf.is_missing(unet, "image_size")
+    assert unet._target_ == "diffusion.models.unet.UNetModel" and OmegaConf.is_missing(unet, "image_size")
     signature = inspect.signature(UNetModel).parameters
     assert unet.num_channels == signature["num_channels"].default
     assert unet.attention_resolutions == list(signature["attention_resolutions"].default)
@@ -207,7 +208,7 @@ def test_experiments_compose(name):
         assert (
             cfg.optim.lr == 1e-3
             and cfg.model.in_channels == 1
-            and cfg.data._target_ == "diffusion.data.Digits"
+            and cfg.data._target_ == "diffusion.data.datasets.Digits"
         )
 
 

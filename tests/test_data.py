@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from diffusion import data
-from diffusion.data import CIFAR10, Digits, ImageFolder, InfiniteLoader
+from diffusion.data import datasets as data
+from diffusion.data.datasets import CIFAR10, Digits, ImageFolder, InfiniteLoader
 from diffusion.errors import UserError
 
 
@@ -237,7 +237,7 @@ def test_sixteen_bit_and_transparent_images_convert_sensibly(tmp_path):
 
 
 def test_small_images_are_upsampled_and_warned_about_once(mixed_folder, caplog):
-    with caplog.at_level(logging.WARNING, logger="diffusion.data"):
+    with caplog.at_level(logging.WARNING, logger="diffusion.data.datasets"):
         ds = ImageFolder(str(mixed_folder), image_size=16)
         for i in range(len(ds)):
             assert ds[i][0].shape == (3, 16, 16)
@@ -270,7 +270,7 @@ def folder_with_bad_files(tmp_path):
 
 def test_bad_files_are_skipped_and_reported(folder_with_bad_files, caplog):
     root = folder_with_bad_files
-    with caplog.at_level(logging.WARNING, logger="diffusion.data"):
+    with caplog.at_level(logging.WARNING, logger="diffusion.data.datasets"):
         ds = ImageFolder(str(root), image_size=8)
     scan_time = {"zero_bytes.png", "text_pretending.jpg", "corrupt_body.png"}
     assert {os.path.basename(p) for p, _ in ds.skipped} == scan_time

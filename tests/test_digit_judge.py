@@ -5,8 +5,9 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from diffusion.data import Digits
-from diffusion.digit_judge import (
+from diffusion.data.datasets import Digits
+from diffusion.data.images import to_uint8
+from diffusion.evaluation.digit_judge import (
     DigitFeatures,
     digit_accuracy,
     digit_features,
@@ -16,7 +17,6 @@ from diffusion.digit_judge import (
     real_digit_images,
     train_digit_classifier,
 )
-from diffusion.images import to_uint8
 
 
 @pytest.fixture(scope="module")

@@ -14,24 +14,23 @@ from omegaconf import OmegaConf
 from test_dit import randomise
 from test_latent import Squares, save_tiny_vae
 
-from diffusion import checkpoint as ckpt
-from diffusion.config import follow_model
-from diffusion.config_errors import explain
-from diffusion.data import Digits
-from diffusion.dit import DIT_CONFIGS, DiT
-from diffusion.errors import ConfigError, UserError, find_user_error
-from diffusion.gaussian_diffusion import GaussianDiffusion
-from diffusion.latent import (
+from diffusion.config.explain import explain
+from diffusion.config.resolvers import follow_model
+from diffusion.data.datasets import Digits
+from diffusion.data.latent import (
     EncodedDataset,
     LatentCacheMismatch,
-    LatentError,
     build_latent_cache,
     latent_training_data,
-    load_vae,
 )
-from diffusion.sampling import SamplingError, load_model, sample
-from diffusion.solvers import DDPM, PerImageNoise, check_guidance, generate
-from diffusion.training import train
+from diffusion.engine import checkpoint as ckpt
+from diffusion.engine.training import train
+from diffusion.errors import ConfigError, UserError, find_user_error
+from diffusion.models.dit import DIT_CONFIGS, DiT
+from diffusion.models.vae import LatentError, load_vae
+from diffusion.process.gaussian import GaussianDiffusion
+from diffusion.sample import SamplingError, load_model, sample
+from diffusion.sampling.solvers import DDPM, PerImageNoise, check_guidance, generate
 
 from conftest import ROOT, compose_cfg, run_script
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from test_latent import save_tiny_vae
 
-from diffusion.training import train
+from diffusion.engine.training import train
 
 from conftest import PYTHON, ROOT, assert_state_equal, compose_cfg, load_ckpt, run_script
 
@@ -111,7 +111,7 @@ def test_the_latent_cache_command_feeds_training_and_a_cache_made_otherwise_is_r
         "another image size": (["model.input_size=8"], "image_size 8 (cache) vs 16 (now)"),
         "another data set": (
             ["data=image_folder", f"data.dir={folder}", "data.random_flip=false", "data.batch_size=2"],
-            "dataset.class 'diffusion.data.Digits' (cache) vs 'diffusion.data.ImageFolder' (now)",
+            "dataset.class 'diffusion.data.datasets.Digits' (cache) vs 'diffusion.data.datasets.ImageFolder' (now)",
         ),
     }
     for case, (change, message) in refusals.items():
@@ -132,7 +132,7 @@ def test_a_sweep_trains_a_unet_and_a_dit_in_one_command(tmp_path):
         state = load_ckpt(tmp_path / job / "checkpoints/latest.pt")
         assert state["step"] == 1
         targets.append(OmegaConf.create(state["model_config"])._target_)
-    assert targets == ["diffusion.unet.UNetModel", "diffusion.dit.DiT"]
+    assert targets == ["diffusion.models.unet.UNetModel", "diffusion.models.dit.DiT"]
 
 
 def test_a_latent_model_is_evaluated_on_its_decoded_images(tmp_path, vaes):

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.batch_files import BatchFileError, open_batch, write_reference_batch
-from diffusion.data import Digits
-from diffusion.digit_judge import train_digit_classifier
+from diffusion.data.datasets import Digits
+from diffusion.data.images import to_uint8
 from diffusion.evaluate import METRICS, Evaluator, main
-from diffusion.images import to_uint8
-from diffusion.inception import WEIGHTS_FILENAME, WEIGHTS_URL
-from diffusion.metrics import feature_statistics, frechet_distance
+from diffusion.evaluation.batch_files import BatchFileError, open_batch, write_reference_batch
+from diffusion.evaluation.digit_judge import train_digit_classifier
+from diffusion.evaluation.inception import WEIGHTS_FILENAME, WEIGHTS_URL
+from diffusion.evaluation.metrics import feature_statistics, frechet_distance
 
 LINES = ("Inception Score", "FID", "sFID", "Precision", "Recall")
 

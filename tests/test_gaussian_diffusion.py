@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion.gaussian_diffusion import (
+from diffusion.process.gaussian import (
     GaussianDiffusion,
     discretized_gaussian_log_likelihood,
     get_named_beta_schedule,
@@ -244,7 +244,7 @@ def test_respace_is_over_the_original_steps_with_the_same_settings(spaced):
 def test_builds_from_hydra_config():
     cfg = OmegaConf.create(
         {
-            "_target_": "diffusion.gaussian_diffusion.GaussianDiffusion",
+            "_target_": "diffusion.process.gaussian.GaussianDiffusion",
             "steps": 100,
             "noise_schedule": "cosine",
             "model_var_type": "fixed_large",

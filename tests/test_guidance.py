@@ -9,8 +9,8 @@ import torch
 from test_gaussian_diffusion import rel_err, stand_in
 from torch import nn
 
-from diffusion.gaussian_diffusion import GaussianDiffusion
-from diffusion.guidance import (
+from diffusion.process.gaussian import GaussianDiffusion
+from diffusion.sampling.guidance import (
     classifier_cond_fn,
     condition_mean,
     condition_score,

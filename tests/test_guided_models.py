@@ -11,9 +11,15 @@ from omegaconf import OmegaConf
 from test_unet import FIXTURES, TOL, randomise, rel_err
 from test_unet import TINY as UNET_TINY
 
-from diffusion.guidance import classifier_cond_fn
-from diffusion.sampling import matching_presets
-from diffusion.unet import DEFAULT_CHANNEL_MULT, AttentionPool2d, EncoderUNetModel, SuperResModel, UNetModel
+from diffusion.models.unet import (
+    DEFAULT_CHANNEL_MULT,
+    AttentionPool2d,
+    EncoderUNetModel,
+    SuperResModel,
+    UNetModel,
+)
+from diffusion.sample import matching_presets
+from diffusion.sampling.guidance import classifier_cond_fn
 
 from conftest import compose_cfg
 

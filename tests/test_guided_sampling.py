@@ -12,15 +12,15 @@ from omegaconf import OmegaConf
 from test_classifier_training import classifier_cfg
 from test_guidance import REF, TOL, ToyClassifier, make_process, toy_model
 
-import diffusion.sampling as sampling
+import diffusion.sample as sampling
 from diffusion.config import build
+from diffusion.data.images import to_uint8
+from diffusion.engine.training import train
 from diffusion.errors import UserError
-from diffusion.guidance import classifier_cond_fn
-from diffusion.images import to_uint8
-from diffusion.sampling import load_model, sample
-from diffusion.solvers import DDIM, DDPM, DPMSolverPP, generate
-from diffusion.training import train
-from diffusion.unet import EncoderUNetModel
+from diffusion.models.unet import EncoderUNetModel
+from diffusion.sample import load_model, sample
+from diffusion.sampling.guidance import classifier_cond_fn
+from diffusion.sampling.solvers import DDIM, DDPM, DPMSolverPP, generate
 
 from conftest import compose_cfg, load_ckpt, run_script, tiny_cfg
 

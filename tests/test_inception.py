@@ -12,8 +12,8 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-import diffusion.inception as inception
-from diffusion.inception import (
+import diffusion.evaluation.inception as inception
+from diffusion.evaluation.inception import (
     PYTORCH_FID_WEIGHTS_FILENAME,
     WEIGHTS_FILENAME,
     WEIGHTS_URL,

@@ -9,16 +9,14 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from diffusion.data import Digits, InfiniteLoader
-from diffusion.dit import DiT
-from diffusion.latent import (
+from diffusion.data.datasets import Digits, InfiniteLoader
+from diffusion.data.latent import LatentCacheMismatch, LatentDataset, build_latent_cache
+from diffusion.models.dit import DiT
+from diffusion.models.vae import (
     SCALE_FACTOR,
-    LatentCacheMismatch,
-    LatentDataset,
     LatentError,
     LatentVAE,
     VAENotFoundError,
-    build_latent_cache,
     check_latent_channels,
     load_vae,
 )
@@ -270,7 +268,7 @@ def test_mismatched_cache_is_refused_or_rebuilt(vae, other_vae_dir, tmp_path, ch
 
 
 def test_reading_checks_the_expected_metadata(vae, other_vae_dir, tmp_path):
-    from diffusion.latent import latent_cache_metadata
+    from diffusion.data.latent import latent_cache_metadata
 
     build_latent_cache(Squares(n=4), vae, tmp_path / "cache", batch_size=4)
     LatentDataset(tmp_path / "cache", expect=latent_cache_metadata(Squares(n=4), vae, flips=True))
@@ -314,7 +312,7 @@ def test_digits_cache_feeds_the_loader(vae, tmp_path):
     assert len(cache) == len(digits) and cache.num_classes == 10 and cache.class_names == digits.class_names
     assert np.array_equal(np.asarray(cache.labels), digits.targets.numpy())
     assert not cache.flips  # digits are never flipped
-    assert cache.meta["dataset"]["class"] == "diffusion.data.Digits"
+    assert cache.meta["dataset"]["class"] == "diffusion.data.datasets.Digits"
     loader = InfiniteLoader(cache, batch_size=16, seed=3)
     x, y = next(iter(loader))
     assert x.shape == (16, 4, 4, 4) and y.shape == (16,) and y.dtype == torch.int64

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from diffusion.loggers import (
+from diffusion.engine.loggers import (
     JsonlLogger,
     LossTracker,
     WandbLogger,
@@ -198,7 +198,7 @@ def test_logger_configs_instantiate(name, target):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from diffusion.config import register_configs
+    from diffusion.config.store import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
@@ -212,7 +212,7 @@ def test_logger_configs_instantiate(name, target):
 HYDRA_APP = """
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from diffusion.loggers import run_name_and_group
+from diffusion.engine.loggers import run_name_and_group
 
 @hydra.main(version_base=None, config_path=None)
 def main(cfg):

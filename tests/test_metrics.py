@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.metrics import (
+from diffusion.evaluation.metrics import (
     FeatureStatistics,
     feature_statistics,
     frechet_distance,

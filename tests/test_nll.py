@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.data import Digits
+from diffusion.data.datasets import Digits
+from diffusion.engine.training import train
 from diffusion.errors import UserError
 from diffusion.nll import batch_generator, evaluate
-from diffusion.sampling import load_model
-from diffusion.training import train
+from diffusion.sample import load_model
 
 from conftest import PYTHON, ROOT, compose_cfg, tiny_cfg
 

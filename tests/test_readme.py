@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from test_latent import save_tiny_vae
 
-from diffusion.inception import random_inception_state_dict
+from diffusion.evaluation.inception import random_inception_state_dict
 
 from conftest import PYTHON, ROOT, TORCHRUN, compose_cfg, load_ckpt
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.batch_files import open_batch
-from diffusion.data import ImageFolder
+from diffusion.data.datasets import ImageFolder
+from diffusion.data.images import to_uint8
 from diffusion.errors import UserError
 from diffusion.evaluate import Evaluator
-from diffusion.images import to_uint8
-from diffusion.inception import WEIGHTS_FILENAME, random_inception_state_dict
-from diffusion.metrics import feature_statistics
+from diffusion.evaluation.batch_files import open_batch
+from diffusion.evaluation.inception import WEIGHTS_FILENAME, random_inception_state_dict
+from diffusion.evaluation.metrics import feature_statistics
 from diffusion.reference import choose_images, write_reference
 
 from conftest import PYTHON, ROOT, compose_cfg

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion.loggers import JsonlLogger
+from diffusion.engine.loggers import JsonlLogger
 from diffusion.report import ReportError, build_figures, main, read_series, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -136,7 +136,7 @@ def test_missing_and_empty_metrics_get_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_wandb_run_is_read_from_its_offline_files(tmp_path, isolated_wandb):
     """With logger=wandb there is no metrics.jsonl: the report reads what W&B wrote, with W&B's own reader."""
-    from diffusion.loggers import WandbLogger
+    from diffusion.engine.loggers import WandbLogger
 
     logger = WandbLogger(mode="offline")
     logger.start(str(tmp_path), config={}, name="test")

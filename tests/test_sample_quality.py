@@ -12,19 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion import checkpoint as ckpt
 from diffusion.config import build
+from diffusion.data.images import to_uint8
+from diffusion.engine import checkpoint as ckpt
+from diffusion.engine.training import TrainingError, TrainState, build_task, train
 from diffusion.evaluate import Evaluator
-from diffusion.images import to_uint8
-from diffusion.inception import WEIGHTS_FILENAME, random_inception_state_dict
-from diffusion.sample_quality import (
+from diffusion.evaluation.inception import WEIGHTS_FILENAME, random_inception_state_dict
+from diffusion.evaluation.sample_quality import (
     OBJECTIVES,
     ObjectiveError,
     SampleQuality,
     objective_direction,
     objective_value,
 )
-from diffusion.training import TrainingError, TrainState, build_task, train
 
 from conftest import PYTHON, ROOT, TORCHRUN, load_ckpt, run_script, tiny_cfg
 
@@ -62,7 +62,7 @@ def test_eval_metrics_reach_the_wandb_files_and_best_pt_is_the_best_logged(tmp_p
     model, _ = task.build_model(cfg.model, _digits(cfg))
     model = build(cfg.hardware, local_rank=0).prepare_model(model)  # the engine's layout: the same kernels
     model.load_state_dict(last["ema"][next(iter(last["ema"]))])
-    from diffusion.solvers import generate
+    from diffusion.sampling.solvers import generate
 
     images = []
     for start in range(0, 12, 6):
@@ -78,13 +78,13 @@ def test_eval_metrics_reach_the_wandb_files_and_best_pt_is_the_best_logged(tmp_p
 
 
 def read_wandb_history_rows(run_dir):
-    from diffusion.loggers import read_wandb_history
+    from diffusion.engine.loggers import read_wandb_history
 
     return read_wandb_history(str(run_dir))
 
 
 def _digits(cfg):
-    from diffusion.training import build_dataset
+    from diffusion.engine.training import build_dataset
 
     return build_dataset(cfg.data)
 
@@ -218,9 +218,9 @@ import json, sys
 import torch
 sys.path.insert(0, {tests!r})
 from conftest import tiny_cfg
-from diffusion.distributed import cleanup_distributed, init_distributed
-from diffusion.tasks import RunContext
-from diffusion.training import build_dataset, build_task
+from diffusion.runtime.distributed import cleanup_distributed, init_distributed
+from diffusion.engine.tasks import RunContext
+from diffusion.engine.training import build_dataset, build_task
 from diffusion.config import build
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""sample.py and diffusion.sampling: project checkpoints from the real engine, plain (OpenAI-style) state dicts,
+"""sample.py and diffusion.sample: project checkpoints from the real engine, plain (OpenAI-style) state dicts,
 the samples.npz layout, reproducibility over batch sizes and ranks, and bad requests refused before any work."""
 
 import json
@@ -13,12 +13,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-import diffusion.sampling as sampling
+import diffusion.sample as sampling
+from diffusion.data.images import to_uint8
+from diffusion.engine.training import train
 from diffusion.errors import UserError
-from diffusion.images import to_uint8
-from diffusion.sampling import SamplingError, load_model, matching_presets, sample
-from diffusion.solvers import generate
-from diffusion.training import train
+from diffusion.sample import SamplingError, load_model, matching_presets, sample
+from diffusion.sampling.solvers import generate
 
 from conftest import PYTHON, ROOT, TINY, compose_cfg, run_script, tiny_cfg
 
@@ -136,7 +136,7 @@ def test_sampling_keeps_the_memory_layout_its_checkpoint_chose(project_ckpt, tmp
     torch.save(state, tmp_path / "recipe.pt")
     cfg = sample_cfg(f"checkpoint={tmp_path / 'recipe.pt'}", "num_samples=2")
     assert load_model(cfg)[2]["channels_last"] is False
-    with caplog.at_level("INFO", logger="diffusion.sampling"):
+    with caplog.at_level("INFO", logger="diffusion.sample"):
         sample(cfg, tmp_path / "out")
     assert "channels_last=False)" in caplog.text and "channels_last=True" not in caplog.text
     # ...unless the sampling run sets it itself.

@@ -8,9 +8,10 @@ import pytest
 import torch
 from test_gaussian_diffusion import REF, rel_err, stand_in
 
-from diffusion.gaussian_diffusion import GaussianDiffusion
-from diffusion.images import to_uint8
-from diffusion.solvers import (
+from diffusion.data.images import to_uint8
+from diffusion.models.unet import UNetModel
+from diffusion.process.gaussian import GaussianDiffusion
+from diffusion.sampling.solvers import (
     DDIM,
     DDPM,
     DPMSolverPP,
@@ -20,7 +21,6 @@ from diffusion.solvers import (
     guided,
     logsnr_timesteps,
 )
-from diffusion.unet import UNetModel
 
 TOL = 1e-5
 

@@ -10,14 +10,14 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from PIL import Image
 
-import diffusion.sampling as sampling
-from diffusion import training
-from diffusion.data import Digits
+import diffusion.sample as sampling
+from diffusion.data.datasets import Digits
+from diffusion.data.images import to_uint8
+from diffusion.engine import training as training
+from diffusion.engine.training import train
 from diffusion.errors import UserError
-from diffusion.images import to_uint8
-from diffusion.sampling import load_model, sample
-from diffusion.solvers import generate
-from diffusion.training import train
+from diffusion.sample import load_model, sample
+from diffusion.sampling.solvers import generate
 
 from conftest import compose_cfg, load_ckpt, tiny_cfg
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hydra.utils import instantiate
 
-from diffusion.timestep_samplers import LossSecondMomentSampler, UniformSampler
+from diffusion.process.timestep_samplers import LossSecondMomentSampler, UniformSampler
 
 
 def fill(sampler: LossSecondMomentSampler, history: dict[int, list[float]]) -> None:
@@ -137,10 +137,10 @@ def test_loading_a_differently_shaped_state_raises():
 
 
 def test_builds_from_hydra_config_with_the_runtime_step_count():
-    cfg = {"_target_": "diffusion.timestep_samplers.LossSecondMomentSampler", "history_per_term": 3}
+    cfg = {"_target_": "diffusion.process.timestep_samplers.LossSecondMomentSampler", "history_per_term": 3}
     sampler = instantiate(cfg, num_timesteps=7)
     assert (sampler.num_timesteps, sampler.history_per_term, sampler.uniform_prob) == (7, 3, 0.001)
-    uniform = instantiate({"_target_": "diffusion.timestep_samplers.UniformSampler"}, num_timesteps=7)
+    uniform = instantiate({"_target_": "diffusion.process.timestep_samplers.UniformSampler"}, num_timesteps=7)
     assert uniform.weights().shape == (7,)
 
 

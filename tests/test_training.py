@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 
-from diffusion import checkpoint as ckpt
-from diffusion import training
+from diffusion.engine import checkpoint as ckpt
+from diffusion.engine import training as training
+from diffusion.engine.training import TrainingError, lr_lambda, train, update_ema
 from diffusion.errors import UserError
-from diffusion.gaussian_diffusion import GaussianDiffusion
-from diffusion.training import TrainingError, lr_lambda, train, update_ema
+from diffusion.process.gaussian import GaussianDiffusion
 
 from conftest import assert_state_equal, load_ckpt, tiny_cfg
 
@@ -205,7 +205,7 @@ def test_resume_from_an_incompatible_model_names_the_keys(tmp_path):
 
 
 def test_the_task_builds_the_model_with_runtime_values_from_data_and_diffusion(tmp_path):
-    from diffusion.data import Digits
+    from diffusion.data.datasets import Digits
 
     task = training.build_task(tiny_cfg("diffusion=ddpm"))
     model, model_config = task.build_model(tiny_cfg().model, Digits(image_size=8))

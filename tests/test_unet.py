@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion.unet import AttentionBlock, GroupNorm32, UNetModel, timestep_embedding
+from diffusion.models.unet import AttentionBlock, GroupNorm32, UNetModel, timestep_embedding
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 LAYOUTS = json.loads((FIXTURES / "released_layouts.json").read_text())

@@ -9,9 +9,9 @@ import subprocess
 import pytest
 import torch
 
-from diffusion.gaussian_diffusion import GaussianDiffusion
-from diffusion.loggers import read_wandb_history
-from diffusion.training import train
+from diffusion.engine.loggers import read_wandb_history
+from diffusion.engine.training import train
+from diffusion.process.gaussian import GaussianDiffusion
 
 from conftest import ROOT, TINY, TORCHRUN, run_script, tiny_cfg
 

@@ -18,6 +18,7 @@ ancestral solver and ignored by the deterministic ones.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -28,8 +29,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffusion.errors import ConfigError
-from diffusion.gaussian_diffusion import GaussianDiffusion, space_timesteps
-from diffusion.guidance import CondFn, condition_xstart
+from diffusion.process.gaussian import GaussianDiffusion, space_timesteps
+from diffusion.sampling.guidance import CondFn, condition_xstart
 
 NoiseFn = Callable[[int], Tensor]
 
@@ -449,3 +450,13 @@ def generate(
     with autocast if autocast is not None else contextlib.nullcontext():
         x = solver(net, diffusion, x_T, model_kwargs=kwargs, noise=noise, callback=callback, cond_fn=cond_fn)
     return x.float()
+
+
+def unclipped(solver: Solver) -> Solver:
+    """``solver`` without clamping its x0 predictions to [-1, 1]: latents are not bounded (DiT samples with
+    clip_denoised=False); a copy, the given solver is left as it is."""
+    if not getattr(solver, "clip_denoised", False):
+        return solver
+    unclipped = copy.copy(solver)
+    unclipped.clip_denoised = False
+    return unclipped

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffusion.errors import ConfigError
-from diffusion.unet import batch_timesteps, timestep_embedding
+from diffusion.models.unet import batch_timesteps, timestep_embedding
 
 # Width of the fixed sinusoidal timestep features fed to the timestep MLP (not a constructor argument in DiT).
 FREQUENCY_EMBEDDING_SIZE = 256
@@ -369,7 +369,7 @@ class DiT(nn.Module):
         label. Only the first half of ``x`` is read; the forward runs on ``cat([half, half])`` with the given t
         and y. Channels 0-2 become ``uncond + cfg_scale * (cond - uncond)`` in both halves (DiT's choice, kept
         for reproducibility); every other channel (eps channel 3 and the variance channels) is the plain output
-        of its own row. The platform's own guidance (``diffusion.solvers.guided``) guides all eps channels.
+        of its own row. The platform's own guidance (``diffusion.sampling.solvers.guided``) guides all eps channels.
 
         :param x: a [2M x in_channels x H x W] Tensor.
         :param t: a [2M] Tensor of timesteps.

@@ -45,7 +45,7 @@ def _messages(e: BaseException) -> str:
 
 def _schemas() -> dict[str, tuple[str, type]]:
     """Schema class name (``DiTConfig``) -> (ConfigStore name, schema), for every component schema."""
-    from diffusion.config import component_schemas
+    from diffusion.config.store import component_schemas
 
     return {node.__name__: (name, node) for name, node in component_schemas().items()}
 
@@ -147,9 +147,9 @@ def explain(e: BaseException) -> str | None:
 
 def _top_level(key: str, schema_class: str) -> str | None:
     """A misspelt top-level setting (``max_stepz=3``)."""
-    from diffusion import config
+    from diffusion.config import schemas
 
-    node = getattr(config, schema_class, None)
+    node = getattr(schemas, schema_class, None)
     if node is None or not dataclasses.is_dataclass(node):
         return None
     close = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(node)], n=1)

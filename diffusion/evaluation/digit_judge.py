@@ -110,7 +110,7 @@ def real_digit_images(classifier: DigitClassifier) -> np.ndarray:
     The reference for :class:`DigitFeatures`: the digits the judge was not trained on, as uint8 8x8 images.
 
     :return: a uint8 [N x 8 x 8 x 1] array: the 0..16 values scaled to 0..255 and truncated, exactly what
-        :func:`diffusion.images.to_uint8` makes of the ``Digits`` dataset's 8x8 images.
+        :func:`diffusion.data.images.to_uint8` makes of the ``Digits`` dataset's 8x8 images.
     """
     images = load_digits().images[classifier.held_out]
     return np.floor(images * (255.0 / 16.0)).astype(np.uint8)[..., None]

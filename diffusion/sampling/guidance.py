@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:  # the process calls these functions from its steps
-    from diffusion.gaussian_diffusion import GaussianDiffusion
+    from diffusion.process.gaussian import GaussianDiffusion
 
 CondFn = Callable[[Tensor, Tensor], Tensor]
 

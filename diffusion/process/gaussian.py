@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from diffusion.errors import ConfigError
-from diffusion.guidance import CondFn, condition_mean, condition_score
+from diffusion.sampling.guidance import CondFn, condition_mean, condition_score
 
 Model = Callable[..., Tensor]
 

@@ -22,15 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffusion import CONF_DIR
-from diffusion import checkpoint as ckpt
 from diffusion.config import build
-from diffusion.distributed import DistEnv, barrier, cleanup_distributed, init_distributed
+from diffusion.data.images import save_grid, to_uint8
+from diffusion.engine import checkpoint as ckpt
 from diffusion.errors import UserError
-from diffusion.guidance import classifier_cond_fn
-from diffusion.images import save_grid, to_uint8
-from diffusion.latent import latent_solver
-from diffusion.solvers import check_guidance, generate
-from diffusion.unet import EncoderUNetModel, SuperResModel
+from diffusion.models.unet import EncoderUNetModel, SuperResModel
+from diffusion.runtime.distributed import DistEnv, barrier, cleanup_distributed, init_distributed
+from diffusion.sampling.guidance import classifier_cond_fn
+from diffusion.sampling.solvers import check_guidance, generate, unclipped
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +85,14 @@ def _read_checkpoint(cfg: DictConfig) -> tuple[DictConfig, DictConfig, dict, dic
             "drop the model=... and diffusion=... overrides"
         )
     weights = ckpt.model_weights(state, cfg.use_ema, cfg.ema_rate)
-    run_cfg = OmegaConf.create(state["config"])
+    run_cfg = ckpt.stored_config(state["config"])
     info = {
         "class_names": state.get("class_names", []),
         "step": state["step"],
         "channels_last": run_cfg.hardware.get("channels_last"),  # None: the run left it to the device
         "vae": _checkpoint_vae(cfg, run_cfg),
     }
-    return OmegaConf.create(state["model_config"]), run_cfg.diffusion, weights, info
+    return ckpt.stored_config(state["model_config"]), run_cfg.diffusion, weights, info
 
 
 def _checkpoint_vae(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig | None:
@@ -196,7 +195,7 @@ def class_labels(
 
 
 def latent_decoder(vae_cfg: DictConfig | None, model: torch.nn.Module, device: torch.device):
-    """The VAE (a diffusion.latent.LatentVAE on ``device``) that decodes a latent model's samples, or None in
+    """The VAE (a diffusion.models.vae.LatentVAE on ``device``) that decodes a latent model's samples, or None in
     pixel space. SamplingError for a model whose outputs cannot be images without one (not 1 or 3 channels) and
     for a VAE whose latents are not the model's."""
     if vae_cfg is None:
@@ -206,7 +205,7 @@ def latent_decoder(vae_cfg: DictConfig | None, model: torch.nn.Module, device: t
                 "that decodes them, e.g. vae=sd_vae_ft_ema (DiT's released models: sd_vae_ft_ema or sd_vae_ft_mse)"
             )
         return None
-    from diffusion.latent import check_latent_channels
+    from diffusion.models.vae import check_latent_channels
 
     vae = build(vae_cfg, device=device)
     check_latent_channels(vae, model.in_channels)
@@ -273,7 +272,7 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
     vae = latent_decoder(info["vae"], model, hw.device)
     if vae is not None:
         # Latents are not bounded to [-1, 1]: x0 is not clamped (DiT samples with clip_denoised=False).
-        solver = latent_solver(solver)
+        solver = unclipped(solver)
         log.info("latent model: samples are decoded by the VAE %s", vae.name)
     model = hw.prepare_model(model)
     if classifier is not None:
@@ -413,7 +412,7 @@ def load_classifier(cfg: DictConfig, model: torch.nn.Module) -> torch.nn.Module 
                 f"classifier={path} is a checkpoint of this project and carries its own model config: drop "
                 f"classifier_model={cfg.classifier_model}"
             )
-        config = OmegaConf.create(state["model_config"])
+        config = ckpt.stored_config(state["model_config"])
         if not is_classifier(config):
             raise SamplingError(
                 f"classifier={path} is the checkpoint of a diffusion model ({config._target_}), not of a "

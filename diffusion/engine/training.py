@@ -27,10 +27,14 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from diffusion import checkpoint as ckpt
 from diffusion.config import LOADER_KEYS, build
-from diffusion.data import InfiniteLoader
-from diffusion.distributed import (
+from diffusion.data.datasets import InfiniteLoader
+from diffusion.data.images import save_grid, to_uint8
+from diffusion.engine import checkpoint as ckpt
+from diffusion.engine.loggers import LossTracker
+from diffusion.engine.tasks import RunContext, Task
+from diffusion.errors import UserError
+from diffusion.runtime.distributed import (
     DistEnv,
     all_gather_object,
     barrier,
@@ -39,10 +43,6 @@ from diffusion.distributed import (
     quiet_non_main,
     replicas_identical,
 )
-from diffusion.errors import UserError
-from diffusion.images import save_grid, to_uint8
-from diffusion.loggers import LossTracker
-from diffusion.tasks import RunContext, Task
 
 log = logging.getLogger(__name__)
 
@@ -537,7 +537,7 @@ def build_dataset(data_cfg: DictConfig, cache_dir: Path | None = None, vae: Dict
         dataset = build(fields)
     if not data_cfg.get("latent"):
         return dataset
-    from diffusion.latent import latent_training_data
+    from diffusion.data.latent import latent_training_data
 
     return latent_training_data(dataset, vae, data_cfg.latent_cache)
 
@@ -589,7 +589,7 @@ def _install_preemption_guard():
     """Under submitit (SLURM), save before the job is requeued on its pre-emption/time-out signal."""
     if "SUBMITIT_EXECUTOR" not in os.environ and "SUBMITIT_FOLDER" not in os.environ:
         return None
-    from diffusion.cluster import PreemptionGuard
+    from diffusion.engine.cluster import PreemptionGuard
 
     guard = PreemptionGuard()
     guard.install()

@@ -29,13 +29,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from diffusion.config import build
+from diffusion.engine.loggers import LossTracker
 from diffusion.errors import ConfigError
-from diffusion.gaussian_diffusion import GaussianDiffusion
-from diffusion.loggers import LossTracker
-from diffusion.sample_quality import SampleQuality
-from diffusion.solvers import Solver, derived_seed, generate
-from diffusion.timestep_samplers import ScheduleSampler
-from diffusion.unet import EncoderUNetModel, SuperResModel
+from diffusion.evaluation.sample_quality import SampleQuality
+from diffusion.models.unet import EncoderUNetModel, SuperResModel
+from diffusion.process.gaussian import GaussianDiffusion
+from diffusion.process.timestep_samplers import ScheduleSampler
+from diffusion.sampling.solvers import Solver, derived_seed, generate
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 class RunContext:
     """What a task's periodic work may need from the run: where and how to compute, and the run's seed."""
 
-    hw: object  # diffusion.hardware.Hardware
-    env: object  # diffusion.distributed.DistEnv
+    hw: object  # diffusion.runtime.hardware.Hardware
+    env: object  # diffusion.runtime.distributed.DistEnv
     seed: int
 
 
@@ -124,7 +124,7 @@ class DiffusionTask(Task):
         self.solver = solver
         self.evaluation = evaluation
         self.class_cond = False
-        self.vae = None  # latent data's VAE (diffusion.latent.LatentVAE): grids are decoded through it
+        self.vae = None  # latent data's VAE (diffusion.models.vae.LatentVAE): grids are decoded through it
 
     def build_model(self, model_cfg: DictConfig, data) -> tuple[nn.Module, dict]:
         """The configured network with the data's channels and classes and the process's output channels.
@@ -180,10 +180,10 @@ class DiffusionTask(Task):
         the data's VAE, where the model runs, and their x0 predictions are not clamped (they are not bounded)."""
         if self.vae is None or self.solver is None:
             return self.solver, None
-        from diffusion.latent import latent_solver
+        from diffusion.sampling.solvers import unclipped
 
         self.vae = self.vae.on(hw.device)  # the loader keeps its own copy
-        return latent_solver(self.solver), self.vae.decode
+        return unclipped(self.solver), self.vae.decode
 
     @property
     def objective(self) -> tuple[str, str] | None:

@@ -92,7 +92,7 @@ def _inception_weights_on_every_rank(path: str | None, download: bool) -> Path:
     """The weights file, found (or downloaded) by rank 0 first so that ranks do not download it at once."""
     import torch.distributed as dist
 
-    from diffusion.inception import find_inception_weights
+    from diffusion.evaluation.inception import find_inception_weights
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return find_inception_weights(path, download=download)
@@ -233,7 +233,7 @@ class SampleQuality:
         be compared with the reference or guided as asked."""
         if not self.enabled:
             return
-        from diffusion.solvers import check_guidance
+        from diffusion.sampling.solvers import check_guidance
 
         try:
             check_guidance(model, self.guidance_scale)
@@ -262,7 +262,7 @@ class SampleQuality:
 
         :param model: the network to sample (the first EMA), in eval mode, on ``run.hw.device``.
         :param diffusion: the process it was trained with; ``solver``: the task's solver.
-        :param run: the engine's :class:`diffusion.tasks.RunContext` (hardware, ranks, seed).
+        :param run: the engine's :class:`diffusion.engine.tasks.RunContext` (hardware, ranks, seed).
         :param decode: turns the model's samples into images in [-1, 1] (a latent model's VAE decoder).
         :return: {"eval/fid", "eval/sfid", "eval/is", "eval/precision", "eval/recall", "eval/seconds"}, the same
             on every rank; {} when ``features`` is "none".
@@ -273,9 +273,9 @@ class SampleQuality:
             raise ConfigError("evaluating samples needs a solver: set the task's solver (the solver group)")
         from tqdm.auto import tqdm
 
-        from diffusion.distributed import all_gather_object
-        from diffusion.images import to_uint8_tensor
-        from diffusion.solvers import generate
+        from diffusion.data.images import to_uint8_tensor
+        from diffusion.runtime.distributed import all_gather_object
+        from diffusion.sampling.solvers import generate
 
         env, hw = run.env, run.hw
         evaluator = self.evaluator.to(hw.device)

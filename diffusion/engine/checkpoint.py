@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from diffusion.errors import UserError
+from diffusion.runtime.files import fsync_path
 
 FORMAT_VERSION = 1
 LATEST = "latest.pt"
@@ -27,15 +28,6 @@ _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message says which file and why."""
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's or a directory's entries to disk (a rename is durable once its directory is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -64,6 +56,47 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# Where each module that a checkpoint's config may name lived before the package was split into sub-packages:
+# configs stored by that code name ``diffusion.unet.UNetModel``, which is ``diffusion.models.unet.UNetModel`` now.
+MOVED_MODULES = {
+    "diffusion.unet": "diffusion.models.unet",
+    "diffusion.dit": "diffusion.models.dit",
+    "diffusion.latent": "diffusion.models.vae",  # load_vae; the cache and datasets are diffusion.data.latent
+    "diffusion.gaussian_diffusion": "diffusion.process.gaussian",
+    "diffusion.timestep_samplers": "diffusion.process.timestep_samplers",
+    "diffusion.solvers": "diffusion.sampling.solvers",
+    "diffusion.data": "diffusion.data.datasets",
+    "diffusion.hardware": "diffusion.runtime.hardware",
+    "diffusion.loggers": "diffusion.engine.loggers",
+    "diffusion.tasks": "diffusion.engine.tasks",
+    "diffusion.sample_quality": "diffusion.evaluation.sample_quality",
+}
+
+
+def stored_config(yaml: str) -> Any:
+    """A config stored in a checkpoint (``config`` or ``model_config``) as a DictConfig, with the ``_target_`` of
+    a checkpoint written before the move into sub-packages pointed at the class's module today."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    def upgrade(node: Any) -> None:
+        if isinstance(node, DictConfig):
+            target = node.get("_target_") if "_target_" in node else None
+            if isinstance(target, str):
+                module, _, name = target.rpartition(".")
+                if module in MOVED_MODULES:
+                    node._target_ = f"{MOVED_MODULES[module]}.{name}"
+            for key in node:
+                if not OmegaConf.is_missing(node, key) and not OmegaConf.is_interpolation(node, key):
+                    upgrade(node[key])
+        elif isinstance(node, ListConfig):
+            for item in node:
+                upgrade(item)
+
+    config = OmegaConf.create(yaml)
+    upgrade(config)
+    return config
 
 
 def point_latest(ckpt_dir: Path, target: Path) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from diffusion.errors import UserError
-from diffusion.metrics import FeatureStatistics, feature_statistics
+from diffusion.evaluation.metrics import FeatureStatistics, feature_statistics
 
 if TYPE_CHECKING:
     from diffusion.evaluate import Evaluator
