@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffusion.evaluate import Evaluator  # noqa: E402
+from diffusion.evaluation.evaluator import Evaluator  # noqa: E402
 from diffusion.evaluation.inception import (  # noqa: E402
     WEIGHTS_FILENAME,
     InceptionWeightsError,

@@ -25,7 +25,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the config groups 
 
 
 def register() -> None:
-    """Register the config schemas and resolvers with Hydra (see :func:`diffusion.config.register`)."""
-    from diffusion.config import register as _register
+    """Store every config schema in Hydra's ConfigStore and register the resolvers (repeating it is harmless)."""
+    from diffusion.config.resolvers import register_resolvers
+    from diffusion.config.store import register_configs
 
-    _register()
+    register_configs()
+    register_resolvers()

@@ -29,7 +29,7 @@ from diffusion.data.datasets import InfiniteLoader
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.runtime.distributed import DistEnv, all_gather_object, cleanup_distributed, init_distributed
 from diffusion.sample import SamplingError, check_complete, load_model, sampling_hardware
-from diffusion.sampling.solvers import derived_seed
+from diffusion.sampling.noise import derived_seed
 
 log = logging.getLogger(__name__)
 TERMS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")

@@ -75,8 +75,8 @@ def choose_images(count: int, num_images: int, seed: int) -> np.ndarray:
 
 def write_reference(cfg: DictConfig) -> Path:
     """Write the reference batch ``cfg.out`` (see the module docstring); returns its path."""
-    from diffusion.evaluate import Evaluator
     from diffusion.evaluation.batch_files import write_reference_batch
+    from diffusion.evaluation.evaluator import Evaluator
     from diffusion.sample import check_complete
 
     check_complete(cfg)

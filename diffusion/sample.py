@@ -26,10 +26,10 @@ from diffusion.config import build
 from diffusion.data.images import save_grid, to_uint8
 from diffusion.engine import checkpoint as ckpt
 from diffusion.errors import UserError
-from diffusion.models.unet import EncoderUNetModel, SuperResModel
 from diffusion.runtime.distributed import DistEnv, barrier, cleanup_distributed, init_distributed
-from diffusion.sampling.guidance import classifier_cond_fn
-from diffusion.sampling.solvers import check_guidance, generate, unclipped
+from diffusion.sampling.generate import generate
+from diffusion.sampling.guidance import check_guidance, classifier_cond_fn
+from diffusion.sampling.solvers import unclipped
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ def _write_samples(run_dir: Path, out: Path, cfg: DictConfig, labels, world_size
 
 def is_classifier(model_cfg: DictConfig) -> bool:
     """Whether a model config builds a noisy-image classifier (EncoderUNetModel) rather than a diffusion model."""
-    return issubclass(get_class(model_cfg["_target_"]), EncoderUNetModel)
+    return getattr(get_class(model_cfg["_target_"]), "role", None) == "classifier"
 
 
 def _classifier_preset(name: str) -> DictConfig:
@@ -400,7 +400,7 @@ def load_classifier(cfg: DictConfig, model: torch.nn.Module) -> torch.nn.Module 
             )
         return None
     path = cfg.classifier
-    if isinstance(model, SuperResModel):
+    if model.role == "upsampler":
         raise SamplingError(
             f"classifier={path}: classifier guidance steers a base model, and checkpoint={cfg.checkpoint} is a "
             "super-resolution model: drop classifier"
@@ -458,7 +458,7 @@ def read_base_samples(
         [num_samples] (None when the file has no labels and the model needs none).
     :raises SamplingError: when the file does not suit the model, before any sampling.
     """
-    upsampler = isinstance(model, SuperResModel)
+    upsampler = model.role == "upsampler"
     if cfg.base_samples is None:
         if upsampler:
             raise SamplingError(

@@ -133,3 +133,18 @@ def weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / WEIGHTS_FILENAME
     torch.save(random_inception_state_dict(seed=0), path)
     return path
+
+
+def run_solver(solver, model, process, x_T, noise=None, cond_fn=None, model_kwargs=None, callback=None):
+    """A solver on a bare network (or test stand-in) and its process, guided by ``cond_fn`` when given: the
+    denoiser ``generate`` would build, without generate's per-image noise."""
+    from diffusion.sampling.guidance import guided_denoiser
+
+    denoiser = guided_denoiser(
+        model,
+        process,
+        clip_denoised=solver.clip_denoised,
+        cond_fn=cond_fn,
+        classifier_form=solver.classifier_form,
+    )
+    return solver(denoiser, x_T, extra_args=model_kwargs, noise=noise, callback=callback)

@@ -33,8 +33,8 @@ def tiny_classifier() -> torch.nn.Module:
 def pinned_samples(checkpoint: Path = CHECKPOINT) -> dict[str, torch.Tensor]:
     """Four images of each (solver, case) at seed 7: {"ddpm/cfg": [4 x 1 x 8 x 8] Tensor, ...}."""
     from diffusion.sample import load_model
+    from diffusion.sampling.generate import generate
     from diffusion.sampling.guidance import classifier_cond_fn
-    from diffusion.sampling.solvers import generate
 
     from conftest import compose_cfg
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusion.models.dit import DIT_CONFIGS, DiT, sincos_pos_embed_2d
-from diffusion.sampling.solvers import guided
+from diffusion.sampling.guidance import guided
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference" / "dit"
 LAYOUTS = json.loads((FIXTURES / "released_layouts_dit.json").read_text())

@@ -30,7 +30,10 @@ from diffusion.models.dit import DIT_CONFIGS, DiT
 from diffusion.models.vae import LatentError, load_vae
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.sample import SamplingError, load_model, sample
-from diffusion.sampling.solvers import DDPM, PerImageNoise, check_guidance, generate
+from diffusion.sampling.generate import generate
+from diffusion.sampling.guidance import check_guidance
+from diffusion.sampling.noise import PerImageNoise
+from diffusion.sampling.solvers import DDPM
 
 from conftest import ROOT, compose_cfg, run_script
 

@@ -1,5 +1,6 @@
 """Classifier guidance against guided_sampling.pt: a closed-form toy classifier steering the toy network of
-diffusion.pt through guided-diffusion's condition_mean / condition_score, single steps and whole chains."""
+diffusion.pt through the ClassifierGuidance wrapper of its denoiser, in the mean form (guided-diffusion's
+condition_mean) and the score form (its condition_score), single steps and whole chains."""
 
 import math
 from pathlib import Path
@@ -10,13 +11,7 @@ from test_gaussian_diffusion import rel_err, stand_in
 from torch import nn
 
 from diffusion.process.gaussian import GaussianDiffusion
-from diffusion.sampling.guidance import (
-    classifier_cond_fn,
-    condition_mean,
-    condition_score,
-    condition_xstart,
-    guidance_gradient,
-)
+from diffusion.sampling.guidance import ClassifierGuidance, classifier_cond_fn
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 REF = torch.load(FIXTURES / "guided_sampling.pt", weights_only=True)
@@ -50,6 +45,11 @@ def make_process(respacing=None) -> GaussianDiffusion:
         model_var_type="learned_range",
         timestep_respacing=respacing,
     )
+
+
+def steered(process: GaussianDiffusion, cond_fn, form: str, clip: bool = True) -> ClassifierGuidance:
+    """The toy network's denoiser on ``process``, guided by ``cond_fn`` in the given form."""
+    return ClassifierGuidance(process.denoiser(toy_model, clip_denoised=clip), cond_fn, form)
 
 
 @pytest.fixture
@@ -115,17 +115,20 @@ def test_condition_mean(cond_fn):
     process = make_process()
     with torch.no_grad():
         out = process.p_mean_variance(toy_model, REF["x_t"], REF["t"])
-        guided = condition_mean(process, out, REF["x_t"], REF["t"], cond_fn)
+        pred = steered(process, cond_fn, "mean").predict(REF["x_t"], REF["t"])
+        guided = process.p_mean_variance_from_prediction(pred, REF["x_t"], REF["t"])
     assert rel_err(guided["mean"], REF["condition_mean"]) <= TOL
     assert rel_err(guided["mean"], out["mean"]) > 1e-3  # guidance moved it well beyond the tolerance
-    assert guided["pred_xstart"] is out["pred_xstart"] and guided["variance"] is out["variance"]
+    assert torch.equal(guided["pred_xstart"], out["pred_xstart"]) and torch.equal(
+        guided["variance"], out["variance"]
+    )
 
 
 def test_condition_score(cond_fn):
     process = make_process()
     with torch.no_grad():
-        out = process.p_mean_variance(toy_model, REF["x_t"], REF["t"])
-        guided = condition_score(process, out, REF["x_t"], REF["t"], cond_fn)
+        pred = steered(process, cond_fn, "score").predict(REF["x_t"], REF["t"])
+        guided = process.p_mean_variance_from_prediction(pred, REF["x_t"], REF["t"])
     assert rel_err(guided["mean"], REF["condition_score"]["mean"]) <= TOL
     assert rel_err(guided["pred_xstart"], REF["condition_score"]["pred_xstart"]) <= TOL
     # eps is the one that takes the guided x_0 to x_t.
@@ -135,20 +138,22 @@ def test_condition_score(cond_fn):
 def test_guided_ancestral_step(cond_fn):
     ref = REF["p_sample"]
     with torch.no_grad():
-        out = make_process().p_sample(toy_model, REF["x_t"], REF["t"], noise=ref["noise"], cond_fn=cond_fn)
-    assert rel_err(out["sample"], ref["sample"]) <= TOL
-    assert rel_err(out["pred_xstart"], ref["pred_xstart"]) <= TOL
+        process = make_process()
+        pred = steered(process, cond_fn, "mean").predict(REF["x_t"], REF["t"])
+        sample = process.ancestral_step(pred, REF["x_t"], REF["t"], ref["noise"])
+    assert rel_err(sample, ref["sample"]) <= TOL
+    assert rel_err(pred.denoised, ref["pred_xstart"]) <= TOL
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 def test_guided_ddim_step(cond_fn, eta):
     ref = REF[f"ddim_step_eta{eta}"]
     with torch.no_grad():
-        out = make_process().ddim_sample(
-            toy_model, REF["x_t"], REF["t"], eta=eta, noise=ref["noise"], cond_fn=cond_fn
-        )
-    assert rel_err(out["sample"], ref["sample"]) <= TOL
-    assert rel_err(out["pred_xstart"], ref["pred_xstart"]) <= TOL
+        process = make_process()
+        pred = steered(process, cond_fn, "score").predict(REF["x_t"], REF["t"])
+        sample = process.ddim_step(pred, REF["x_t"], REF["t"], eta, ref["noise"])
+    assert rel_err(sample, ref["sample"]) <= TOL
+    assert rel_err(pred.denoised, ref["pred_xstart"]) <= TOL
 
 
 @pytest.mark.parametrize("solver", ["ancestral", "ddim"])
@@ -157,10 +162,12 @@ def test_zero_scale_guidance_is_the_unguided_step(classifier, solver):
     off = classifier_cond_fn(classifier, REF["y"], scale=0.0)
     with torch.no_grad():
         if solver == "ancestral":
-            guided = process.p_sample(toy_model, x, t, noise=noise, cond_fn=off)
+            pred = steered(process, off, "mean").predict(x, t)
+            guided = {"sample": process.ancestral_step(pred, x, t, noise), "pred_xstart": pred.denoised}
             plain = process.p_sample(toy_model, x, t, noise=noise)
         else:
-            guided = process.ddim_sample(toy_model, x, t, eta=0.5, noise=noise, cond_fn=off)
+            pred = steered(process, off, "score").predict(x, t)
+            guided = {"sample": process.ddim_step(pred, x, t, 0.5, noise), "pred_xstart": pred.denoised}
             plain = process.ddim_sample(toy_model, x, t, eta=0.5, noise=noise)
     # Only float32 rounding differs (the guided DDIM step goes x_0 -> eps -> x_0 once more).
     assert rel_err(guided["sample"], plain["sample"]) <= TOL
@@ -179,13 +186,11 @@ def dpm_solver_first_order_step(process, x, t_from: int, t_to: int | None, denoi
 
 def test_dpm_solver_score_guidance_equals_guided_ddim(cond_fn):
     """DPM-Solver++'s first-order step is DDIM's with eta 0, so with the corrected denoised estimate of
-    condition_xstart it must reproduce the reference's guided DDIM step, timestep by timestep."""
+    the score form it must reproduce the reference's guided DDIM step, timestep by timestep."""
     process, x, t = make_process(), REF["x_t"], REF["t"]
     ref = REF["ddim_step_eta0.0"]
     with torch.no_grad():
-        out = process.model_output(toy_model, x, t)
-        denoised, _ = process.predict_xstart_eps(out, x, t, clip_denoised=True)
-        denoised, _ = condition_xstart(process, denoised, x, t, cond_fn)
+        denoised = steered(process, cond_fn, "score").predict(x, t).denoised
     assert rel_err(denoised, ref["pred_xstart"]) <= TOL
     for n, index in enumerate(t.tolist()):
         t_to = index - 1 if index else None
@@ -207,15 +212,16 @@ def guided_chain(name: str, cond_fn) -> torch.Tensor:
     process = make_process(CHAINS[name])
     assert torch.equal(process.timestep_map, ref["timestep_map"])
     assert rel_err(torch.as_tensor(process.betas), ref["betas"]) <= 1e-12
+    denoiser = steered(process, cond_fn, "score" if name == "ddim_loop_10" else "mean")
     x = ref["x_T"]
     for i, index in enumerate(range(process.num_timesteps - 1, -1, -1)):
         t = torch.full((x.shape[0],), index, dtype=torch.long)
         with torch.no_grad():
+            pred = denoiser.predict(x, t)
             if name == "ddim_loop_10":
-                out = process.ddim_sample(toy_model, x, t, eta=0.0, cond_fn=cond_fn)
+                x = process.ddim_step(pred, x, t, 0.0, None)
             else:
-                out = process.p_sample(toy_model, x, t, noise=ref["noises"][i], cond_fn=cond_fn)
-        x = out["sample"]
+                x = process.ancestral_step(pred, x, t, ref["noises"][i])
     return x
 
 
@@ -244,7 +250,9 @@ def test_guidance_gradient_sees_original_timesteps():
         seen.append(t.tolist())
         return torch.zeros_like(x)
 
-    guidance_gradient(process, recording_cond_fn, REF["x_t"], torch.tensor([0, 3, 9]))
+    ClassifierGuidance(process.denoiser(toy_model), recording_cond_fn, "mean").predict(
+        REF["x_t"], torch.tensor([0, 3, 9])
+    )
     assert seen == [[0, 30, 90]]
 
 

@@ -19,10 +19,11 @@ from diffusion.engine.training import train
 from diffusion.errors import UserError
 from diffusion.models.unet import EncoderUNetModel
 from diffusion.sample import load_model, sample
+from diffusion.sampling.generate import generate
 from diffusion.sampling.guidance import classifier_cond_fn
-from diffusion.sampling.solvers import DDIM, DDPM, DPMSolverPP, generate
+from diffusion.sampling.solvers import DDIM, DDPM, DPMSolverPP
 
-from conftest import compose_cfg, load_ckpt, run_script, tiny_cfg
+from conftest import compose_cfg, load_ckpt, run_script, run_solver, tiny_cfg
 
 
 def rel_err(a, b) -> float:
@@ -43,10 +44,10 @@ def test_ddim_solver_reproduces_the_reference_guided_chain(toy_cond_fn):
     solver, process = DDIM(steps=10), make_process()
     assert solver.timesteps(process) == ref["timestep_map"].tolist()
     with torch.no_grad():
-        x = solver(toy_model, process, ref["x_T"], cond_fn=toy_cond_fn)
+        x = run_solver(solver, toy_model, process, ref["x_T"], cond_fn=toy_cond_fn)
     assert rel_err(x, ref["sample"]) <= TOL
     with torch.no_grad():
-        unguided = solver(toy_model, process, ref["x_T"])
+        unguided = run_solver(solver, toy_model, process, ref["x_T"])
     assert rel_err(unguided, ref["sample"]) > 1e-2
 
 
@@ -55,7 +56,9 @@ def test_ddpm_solver_reproduces_the_reference_guided_ancestral_chain(toy_cond_fn
     solver, process = DDPM(steps=10), make_process()
     assert solver.timesteps(process) == ref["timestep_map"].tolist()
     with torch.no_grad():
-        x = solver(toy_model, process, ref["x_T"], noise=lambda k: ref["noises"][k], cond_fn=toy_cond_fn)
+        x = run_solver(
+            solver, toy_model, process, ref["x_T"], noise=lambda k: ref["noises"][k], cond_fn=toy_cond_fn
+        )
     assert rel_err(x, ref["sample"]) <= TOL
 
 
@@ -77,9 +80,9 @@ def eps_shifted_model(process, cond_fn):
 def test_score_guidance_of_ddim_and_dpm_solver_is_a_corrected_noise_prediction(toy_cond_fn, solver):
     process, x_T = make_process(), REF["ddim_loop_10"]["x_T"]
     with torch.no_grad():
-        guided = solver(toy_model, process, x_T, cond_fn=toy_cond_fn)
-        by_eps = solver(eps_shifted_model(process, toy_cond_fn), process, x_T)
-        plain = solver(toy_model, process, x_T)
+        guided = run_solver(solver, toy_model, process, x_T, cond_fn=toy_cond_fn)
+        by_eps = run_solver(solver, eps_shifted_model(process, toy_cond_fn), process, x_T)
+        plain = run_solver(solver, toy_model, process, x_T)
     assert rel_err(guided, by_eps) <= TOL
     assert rel_err(guided, plain) > 1e-2
 

@@ -12,8 +12,8 @@ from PIL import Image
 from diffusion.data.datasets import ImageFolder
 from diffusion.data.images import to_uint8
 from diffusion.errors import UserError
-from diffusion.evaluate import Evaluator
 from diffusion.evaluation.batch_files import open_batch
+from diffusion.evaluation.evaluator import Evaluator
 from diffusion.evaluation.inception import WEIGHTS_FILENAME, random_inception_state_dict
 from diffusion.evaluation.metrics import feature_statistics
 from diffusion.reference import choose_images, write_reference

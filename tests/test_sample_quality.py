@@ -16,7 +16,7 @@ from diffusion.config import build
 from diffusion.data.images import to_uint8
 from diffusion.engine import checkpoint as ckpt
 from diffusion.engine.training import TrainingError, TrainState, build_task, train
-from diffusion.evaluate import Evaluator
+from diffusion.evaluation.evaluator import Evaluator
 from diffusion.evaluation.inception import WEIGHTS_FILENAME, random_inception_state_dict
 from diffusion.evaluation.sample_quality import (
     OBJECTIVES,
@@ -62,7 +62,7 @@ def test_eval_metrics_reach_the_wandb_files_and_best_pt_is_the_best_logged(tmp_p
     model, _ = task.build_model(cfg.model, _digits(cfg))
     model = build(cfg.hardware, local_rank=0).prepare_model(model)  # the engine's layout: the same kernels
     model.load_state_dict(last["ema"][next(iter(last["ema"]))])
-    from diffusion.sampling.solvers import generate
+    from diffusion.sampling.generate import generate
 
     images = []
     for start in range(0, 12, 6):

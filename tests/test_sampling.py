@@ -18,7 +18,7 @@ from diffusion.data.images import to_uint8
 from diffusion.engine.training import train
 from diffusion.errors import UserError
 from diffusion.sample import SamplingError, load_model, matching_presets, sample
-from diffusion.sampling.solvers import generate
+from diffusion.sampling.generate import generate
 
 from conftest import PYTHON, ROOT, TINY, compose_cfg, run_script, tiny_cfg
 

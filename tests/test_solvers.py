@@ -11,16 +11,12 @@ from test_gaussian_diffusion import REF, rel_err, stand_in
 from diffusion.data.images import to_uint8
 from diffusion.models.unet import UNetModel
 from diffusion.process.gaussian import GaussianDiffusion
-from diffusion.sampling.solvers import (
-    DDIM,
-    DDPM,
-    DPMSolverPP,
-    PerImageNoise,
-    derived_seed,
-    generate,
-    guided,
-    logsnr_timesteps,
-)
+from diffusion.sampling.generate import generate
+from diffusion.sampling.guidance import guided
+from diffusion.sampling.noise import PerImageNoise, derived_seed
+from diffusion.sampling.solvers import DDIM, DDPM, DPMSolverPP, logsnr_timesteps
+
+from conftest import run_solver
 
 TOL = 1e-5
 
@@ -30,7 +26,7 @@ TOL = 1e-5
 def test_ddim_solver_matches_reference_loop():
     ref = REF["spaced"]["ddim_loop_eta0"]
     diffusion = GaussianDiffusion(1000, "cosine", "epsilon", "learned_range")  # the solver respaces to ddim25
-    sample = DDIM(steps=25)(stand_in(True), diffusion, ref["x_T"])
+    sample = run_solver(DDIM(steps=25), stand_in(True), diffusion, ref["x_T"])
     assert rel_err(sample, ref["sample"]) <= TOL
 
 
@@ -43,7 +39,7 @@ def test_ddpm_solver_matches_reference_ancestral_loop_with_recorded_noise():
         calls.append(k)
         return ref["noises"][k]
 
-    sample = DDPM(steps=50)(stand_in(True), diffusion, ref["x_T"], noise=noise)
+    sample = run_solver(DDPM(steps=50), stand_in(True), diffusion, ref["x_T"], noise=noise)
     assert rel_err(sample, ref["sample"]) <= TOL
     assert calls == list(range(50))  # one draw per step, in order
 
@@ -52,7 +48,7 @@ def test_ddpm_solver_matches_reference_ancestral_loop_with_recorded_noise():
 def test_ddim_solver_on_gpu_matches_reference():
     ref = REF["spaced"]["ddim_loop_eta0"]
     diffusion = GaussianDiffusion(1000, "cosine", "epsilon", "learned_range")
-    sample = DDIM(steps=25)(stand_in(True), diffusion, ref["x_T"].cuda())
+    sample = run_solver(DDIM(steps=25), stand_in(True), diffusion, ref["x_T"].cuda())
     assert sample.device.type == "cuda"
     assert rel_err(sample.cpu(), ref["sample"]) <= TOL
 
@@ -62,7 +58,8 @@ def test_stochastic_ddim_draws_one_noise_per_step_and_uses_it():
     x_T = REF["spaced"]["ddim_loop_eta0"]["x_T"]
     noises = torch.randn(25, *x_T.shape, generator=torch.Generator().manual_seed(0))
     steps = []
-    ours = DDIM(steps=25, eta=0.5)(
+    ours = run_solver(
+        DDIM(steps=25, eta=0.5),
         stand_in(True),
         diffusion,
         x_T,
@@ -78,7 +75,7 @@ def test_stochastic_ddim_draws_one_noise_per_step_and_uses_it():
             steps[k][0] == k and torch.equal(steps[k][1], x) and torch.equal(steps[k][2], out["pred_xstart"])
         )
     assert len(steps) == 25 and rel_err(ours, x) <= TOL
-    deterministic = DDIM(steps=25)(stand_in(True), diffusion, x_T)
+    deterministic = run_solver(DDIM(steps=25), stand_in(True), diffusion, x_T)
     assert rel_err(ours, deterministic) > 1e-3  # eta > 0 really adds the noise
 
 
@@ -123,7 +120,9 @@ def gaussian_setup(mean_type="epsilon", var_type="fixed_small", variance_channel
 def affine_map(solver, model, diffusion):
     """Without clipping a deterministic solver maps x_T to A x_T + b: read (b, A) off the inputs 0 and 1. With
     x_T ~ N(0, 1) the samples then have mean b and standard deviation |A|, exactly, with no sampling noise."""
-    out = solver(model, diffusion, torch.tensor([0.0, 1.0], dtype=torch.float64).view(2, 1, 1, 1)).flatten()
+    out = run_solver(
+        solver, model, diffusion, torch.tensor([0.0, 1.0], dtype=torch.float64).view(2, 1, 1, 1)
+    ).flatten()
     return out[0].item(), (out[1] - out[0]).item()
 
 
@@ -166,7 +165,7 @@ def test_dpm_solver_20_steps_beats_ddim_100_steps_on_gaussian_data():
 def test_dpm_solver_samples_have_the_data_mean_and_variance():
     model, diffusion = gaussian_setup()
     x_T = torch.randn(4096, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    x = DPMSolverPP(20, clip_denoised=False)(model, diffusion, x_T)
+    x = run_solver(DPMSolverPP(20, clip_denoised=False), model, diffusion, x_T)
     # 16384 values: the sample mean's standard error is S / 128 = 0.0016, the variance's about 0.0004.
     assert abs(x.mean().item() - MU) < 0.0065
     assert abs(x.var().item() - S**2) < 0.002
@@ -205,26 +204,31 @@ def test_x0_and_v_prediction_give_the_samples_of_eps_prediction(solver, mean_typ
     x_T = torch.randn(3, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     eps_model, eps_diffusion = gaussian_setup("epsilon")
     other_model, other_diffusion = gaussian_setup(mean_type)
-    expected = solver(eps_model, eps_diffusion, x_T)
-    torch.testing.assert_close(solver(other_model, other_diffusion, x_T), expected, rtol=1e-9, atol=1e-9)
+    expected = run_solver(solver, eps_model, eps_diffusion, x_T)
+    torch.testing.assert_close(
+        run_solver(solver, other_model, other_diffusion, x_T), expected, rtol=1e-9, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("solver", [DDIM(20), DPMSolverPP(20)])
 def test_deterministic_solvers_ignore_learned_variance_channels(solver):
     x_T = torch.randn(3, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     plain_model, plain_diffusion = gaussian_setup("epsilon", "fixed_small")
-    expected = solver(plain_model, plain_diffusion, x_T)
+    expected = run_solver(solver, plain_model, plain_diffusion, x_T)
     for value in (-1.0, 0.7):
         model, diffusion = gaussian_setup("epsilon", "learned_range", variance_channels=value)
-        torch.testing.assert_close(solver(model, diffusion, x_T), expected, rtol=0, atol=0)
+        torch.testing.assert_close(run_solver(solver, model, diffusion, x_T), expected, rtol=0, atol=0)
 
 
 def test_ddpm_uses_learned_variance_channels():
     x_T = torch.randn(3, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     noise = torch.randn(20, 3, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     samples = [
-        DDPM(20)(
-            *gaussian_setup("epsilon", "learned_range", variance_channels=v), x_T, noise=lambda k: noise[k]
+        run_solver(
+            DDPM(20),
+            *gaussian_setup("epsilon", "learned_range", variance_channels=v),
+            x_T,
+            noise=lambda k: noise[k],
         )
         for v in (-1.0, 1.0)
     ]
@@ -240,14 +244,14 @@ def test_each_solver_calls_the_network_once_per_step_with_original_timesteps():
 
     diffusion = GaussianDiffusion(1000, "linear", "epsilon", "fixed_small")
     x_T = torch.zeros(2, 1, 2, 2)
-    DDPM(10)(model, diffusion, x_T)
+    run_solver(DDPM(10), model, diffusion, x_T)
     assert seen == diffusion.respace("10").timestep_map.tolist()[::-1]
     seen.clear()
-    DDIM(10)(model, diffusion, x_T)
+    run_solver(DDIM(10), model, diffusion, x_T)
     assert seen == list(range(900, -1, -100))
     seen.clear()
     solver = DPMSolverPP(10)
-    solver(model, diffusion, x_T)
+    run_solver(solver, model, diffusion, x_T)
     assert seen == solver.timesteps(diffusion)[::-1]
 
 

@@ -17,7 +17,7 @@ from diffusion.engine import training as training
 from diffusion.engine.training import train
 from diffusion.errors import UserError
 from diffusion.sample import load_model, sample
-from diffusion.sampling.solvers import generate
+from diffusion.sampling.generate import generate
 
 from conftest import compose_cfg, load_ckpt, tiny_cfg
 

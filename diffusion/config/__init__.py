@@ -2,20 +2,11 @@
 the resolvers (``resolvers``) and the one-line explanations of a config that does not compose (``explain``).
 
 ``build`` and ``schemas`` are the bottom of the package and import nothing of it; ``store`` is its top (it imports
-every component to read its constructor). :func:`register` fills Hydra's ConfigStore and the resolvers: the entry
-points call it, and so does a notebook before ``hydra.compose``. Importing a module of the package never does.
+every component to read its constructor). ``diffusion.register()`` fills Hydra's ConfigStore and the resolvers:
+the entry points call it, and so does a notebook before ``hydra.compose``. Importing a module never does.
 """
 
 from diffusion.config.build import build
 from diffusion.config.schemas import LOADER_KEYS
 
-__all__ = ["LOADER_KEYS", "build", "register"]
-
-
-def register() -> None:
-    """Store every schema in Hydra's ConfigStore and register the resolvers (repeating it is harmless)."""
-    from diffusion.config.resolvers import register_resolvers
-    from diffusion.config.store import register_configs
-
-    register_configs()
-    register_resolvers()
+__all__ = ["LOADER_KEYS", "build"]

@@ -32,10 +32,12 @@ from diffusion.config import build
 from diffusion.engine.loggers import LossTracker
 from diffusion.errors import ConfigError
 from diffusion.evaluation.sample_quality import SampleQuality
-from diffusion.models.unet import EncoderUNetModel, SuperResModel
+from diffusion.models.protocol import declares_network
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.process.timestep_samplers import ScheduleSampler
-from diffusion.sampling.solvers import Solver, derived_seed, generate
+from diffusion.sampling.generate import generate
+from diffusion.sampling.noise import derived_seed
+from diffusion.sampling.solvers import Solver
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +97,10 @@ def fit_to_data(model_cfg: DictConfig, data, **runtime) -> dict:
     ``fit_to_data(config, data, **runtime)`` (see UNetModel.fit_to_data)."""
     config = OmegaConf.to_container(model_cfg, resolve=True)
     network = get_class(config["_target_"])
-    if not hasattr(network, "fit_to_data"):
+    if not declares_network(network):
         raise ConfigError(
-            f"model._target_={config['_target_']} cannot be trained here: it has no fit_to_data classmethod "
-            "that takes the data's channels and classes"
+            f"model._target_={config['_target_']} cannot be trained here: it does not declare the network protocol "
+            "(diffusion.models.protocol.Network: role, channels, classes and a fit_to_data classmethod)"
         )
     return network.fit_to_data(config, data, **runtime)
 
@@ -133,7 +135,7 @@ class DiffusionTask(Task):
             needs no flags).
         """
         config = fit_to_data(model_cfg, data, learn_sigma=self.diffusion.learns_sigma)
-        if issubclass(get_class(config["_target_"]), SuperResModel) != self.takes_low_res:
+        if (get_class(config["_target_"]).role == "upsampler") != self.takes_low_res:
             raise ConfigError(
                 f"task={'super_res' if self.takes_low_res else 'diffusion'} does not train "
                 f"model._target_={config['_target_']}: a SuperResModel (model=upsampler_*) trains with "
@@ -293,7 +295,7 @@ class ClassifierTask(Task):
     def build_model(self, model_cfg: DictConfig, data) -> tuple[nn.Module, dict]:
         """The classifier with the data's channels and classes; also takes the data's held-out set."""
         target = OmegaConf.select(model_cfg, "_target_")
-        if not issubclass(get_class(target), EncoderUNetModel):
+        if getattr(get_class(target), "role", None) != "classifier":
             raise ConfigError(
                 f"task=classifier trains a noisy-image classifier, not model._target_={target}: use "
                 "model=classifier_digits (or classifier_64/128/256/512), e.g. experiment=digits_classifier"

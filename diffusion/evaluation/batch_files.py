@@ -17,7 +17,7 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,8 +25,14 @@ import torch
 from diffusion.errors import UserError
 from diffusion.evaluation.metrics import FeatureStatistics, feature_statistics
 
-if TYPE_CHECKING:
-    from diffusion.evaluate import Evaluator
+
+class FeatureSource(Protocol):
+    """What writing a reference batch needs of an evaluator: features of uint8 images, and their set's name."""
+
+    feature_set: object  # has a ``name``
+
+    def extract(self, images: np.ndarray) -> dict[str, torch.Tensor]: ...
+
 
 STATISTICS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}
 # Precision and recall need each image's 3 nearest neighbours besides itself.
@@ -247,7 +253,7 @@ def _write_npz(
 def write_reference_batch(
     path: str | Path,
     images: Iterable[np.ndarray | torch.Tensor],
-    evaluator: Evaluator,
+    evaluator: FeatureSource,
     max_images: int | None = None,
 ) -> BatchFile:
     """
@@ -259,7 +265,7 @@ def write_reference_batch(
 
     :param images: uint8 [H x W x C] images or [N x H x W x C] chunks of them (arrays or Tensors), C = 1 or 3,
         all of one size.
-    :param evaluator: supplies the features (see :class:`diffusion.evaluate.Evaluator`).
+    :param evaluator: supplies the features (e.g. :class:`diffusion.evaluation.evaluator.Evaluator`).
     :param max_images: stop after this many images.
     :return: the written file, opened with :func:`open_batch`.
     """

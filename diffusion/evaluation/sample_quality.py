@@ -8,7 +8,7 @@ rank, and the task calls it:
    solver; an image's noise depends only on (seed, index), so the images do not depend on the number of ranks;
 2. each rank turns its images into features on its device as they are made: no copy to the host;
 3. the features are gathered in image order (one collective per feature kind), rank 0 computes the metrics
-   against the reference (:class:`diffusion.evaluate.Evaluator`), and every rank returns rank 0's numbers, so
+   against the reference (:class:`diffusion.evaluation.evaluator.Evaluator`), and every rank returns rank 0's numbers, so
    that all ranks agree on whether the run improved.
 
 The reference's own features are computed once, at the first evaluation, spread over the ranks the same way.
@@ -200,7 +200,7 @@ class SampleQuality:
         self.evaluator = None
         self._reference_ready = False
         if self.enabled:
-            from diffusion.evaluate import Evaluator
+            from diffusion.evaluation.evaluator import Evaluator
 
             weights = inception_weights
             if features == "inception":
@@ -233,7 +233,7 @@ class SampleQuality:
         be compared with the reference or guided as asked."""
         if not self.enabled:
             return
-        from diffusion.sampling.solvers import check_guidance
+        from diffusion.sampling.guidance import check_guidance
 
         try:
             check_guidance(model, self.guidance_scale)
@@ -275,7 +275,7 @@ class SampleQuality:
 
         from diffusion.data.images import to_uint8_tensor
         from diffusion.runtime.distributed import all_gather_object
-        from diffusion.sampling.solvers import generate
+        from diffusion.sampling.generate import generate
 
         env, hw = run.env, run.hw
         evaluator = self.evaluator.to(hw.device)

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffusion.errors import ConfigError
+from diffusion.models.protocol import Network
 from diffusion.models.unet import batch_timesteps, timestep_embedding
 
 # Width of the fixed sinusoidal timestep features fed to the timestep MLP (not a constructor argument in DiT).
@@ -192,7 +193,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(nn.Module, Network):
     """
     The diffusion transformer: patchify, transformer blocks conditioned on (timestep + label) by adaLN-Zero,
     unpatchify.
@@ -212,6 +213,10 @@ class DiT(nn.Module):
     :param use_checkpoint: recompute each block's activations in the backward pass (saves memory; not in DiT,
         changes no parameter).
     """
+
+    role = "denoiser"
+    guidance_styles = ("all", "dit")
+    label_dropout_key = "model.class_dropout_prob"
 
     def __init__(
         self,

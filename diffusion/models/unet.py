@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffusion.errors import ConfigError
+from diffusion.models.protocol import Network
 
 # The reference normalises with 32 groups everywhere; the released checkpoints depend on it.
 NORM_GROUPS = 32
@@ -439,7 +440,7 @@ def _encoder(
     return input_blocks, middle_block, out_widths
 
 
-class UNetModel(nn.Module):
+class UNetModel(nn.Module, Network):
     """
     The ADM UNet with timestep (and optional class) conditioning.
 
@@ -465,6 +466,10 @@ class UNetModel(nn.Module):
     :param use_fp16: accepted for flag compatibility; mixed precision comes from torch.autocast.
     :param use_sdpa: attention through F.scaled_dot_product_attention; False runs the plain formula.
     """
+
+    role = "denoiser"
+    guidance_styles = ("all",)
+    label_dropout_key = "model.label_dropout"
 
     # Images of in_channels the first convolution reads: SuperResModel adds the upsampled low-resolution one.
     _input_images = 1
@@ -620,6 +625,8 @@ class SuperResModel(UNetModel):
     Other arguments as :class:`UNetModel`; ``image_size`` is the high resolution (the reference's ``large_size``).
     """
 
+    role = "upsampler"
+
     _input_images = 2
 
     def __init__(self, *args, small_size: int | None = None, **kwargs):
@@ -700,7 +707,7 @@ class AttentionPool2d(nn.Module):
         return self.c_proj(pooled.reshape(n, c, 1))[:, :, 0]
 
 
-class EncoderUNetModel(nn.Module):
+class EncoderUNetModel(nn.Module, Network):
     """
     ADM's noisy-image classifier: the UNet's down path and middle block, then a pooling head to logits.
 
@@ -728,6 +735,10 @@ class EncoderUNetModel(nn.Module):
     :param use_fp16: accepted for flag compatibility; mixed precision comes from torch.autocast.
     :param use_sdpa: attention through F.scaled_dot_product_attention; False runs the plain formula.
     """
+
+    role = "classifier"
+    guidance_styles = ()
+    label_dropout_key = ""
 
     POOLS = ("attention", "adaptive", "spatial", "spatial_v2")
 
@@ -770,6 +781,8 @@ class EncoderUNetModel(nn.Module):
         self.in_channels = in_channels
         self.num_channels = num_channels
         self.num_classes = num_classes
+        self.out_channels = num_classes
+        self.null_class = None
         self.pool = pool
 
         self.time_embed = _time_embed(num_channels)

@@ -1,7 +1,8 @@
 """The Gaussian diffusion process of DDPM, improved DDPM and ADM ("Diffusion Models Beat GANs").
 
 Forward noising q(x_t | x_0), the reverse-process parameterisations (epsilon, x0, v; fixed or learned variance),
-ancestral and DDIM sampling, the training losses and the variational bound in bits/dim.
+the ancestral and DDIM steps given a prediction, the training losses and the variational bound in bits/dim, and
+:class:`ADMDenoiser`, the denoiser seam (diffusion/process/denoiser.py) for the process's networks.
 
 Respacing is built in: a process made with ``timestep_respacing`` keeps a subset of the original timesteps,
 recomputes its betas from the kept steps' alphas_cumprod, and always calls the network with the ORIGINAL
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from diffusion.errors import ConfigError
-from diffusion.sampling.guidance import CondFn, condition_mean, condition_score
+from diffusion.process.denoiser import Denoiser, Prediction, append_dims, sigma_tensor
 
 Model = Callable[..., Tensor]
 
@@ -402,11 +403,19 @@ class GaussianDiffusion:
         :param t: a LongTensor [N] of respaced timesteps.
         :return: the raw network output, [N x C x ...] or [N x 2C x ...] when the variance is learned.
         """
+        return model(x, self.network_timesteps(t), **(model_kwargs or {}))
+
+    def network_timesteps(self, t: Tensor) -> Tensor:
+        """The time values the network is given at respaced indices t [N]: the original indices, or, when the
+        process rescales timesteps, floats on a [0, 1000) scale (improved-DDPM models, whatever the step count)."""
         model_t = self.original_timesteps(t)
         if self.rescale_timesteps:
-            # Improved-DDPM models see t on a [0, 1000) scale whatever the number of steps.
             model_t = model_t.float() * (1000.0 / self.original_num_steps)
-        return model(x, model_t, **(model_kwargs or {}))
+        return model_t
+
+    def denoiser(self, net: Model, clip_denoised: bool = False, quantize: bool = True) -> ADMDenoiser:
+        """The denoiser seam for a network trained on this process (see :class:`ADMDenoiser`)."""
+        return ADMDenoiser(self, net, clip_denoised=clip_denoised, quantize=quantize)
 
     def _split_output(self, model_output: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
         channels = x.shape[1] * (2 if self.learns_sigma else 1)
@@ -420,22 +429,24 @@ class GaussianDiffusion:
         mean_out, var_out = model_output.split(x.shape[1], dim=1)
         return mean_out, var_out
 
-    def _xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    def xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) at timesteps t [N], [N x C x ...]."""
         return (
             self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
             - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
         )
 
-    def _eps_from_xstart(self, x_t: Tensor, t: Tensor, x_start: Tensor) -> Tensor:
+    def eps_from_xstart(self, x_t: Tensor, t: Tensor, x_start: Tensor) -> Tensor:
+        """The noise that takes x_0 to x_t at timesteps t [N], [N x C x ...]."""
         return (self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x_start) / self._coef(
             "sqrt_recipm1_alphas_cumprod", t, x_t
         )
 
     def _from_epsilon(self, out: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        return self._xstart_from_eps(x_t, t, out), out
+        return self.xstart_from_eps(x_t, t, out), out
 
     def _from_xstart(self, out: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        return out, self._eps_from_xstart(x_t, t, out)
+        return out, self.eps_from_xstart(x_t, t, out)
 
     def _from_v(self, out: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         sqrt_ab = self._coef("sqrt_alphas_cumprod", t, x_t)
@@ -474,7 +485,7 @@ class GaussianDiffusion:
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         # DDIM steps along eps: it must point from the processed x_0 to x_t, or the chain drifts off the data.
-        return pred_xstart, self._eps_from_xstart(x, t, pred_xstart)
+        return pred_xstart, self.eps_from_xstart(x, t, pred_xstart)
 
     def _model_variance(self, var_out: Tensor | None, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         if var_out is None:
@@ -514,17 +525,70 @@ class GaussianDiffusion:
     def _p_mean_variance_from_output(
         self, output: Tensor, x: Tensor, t: Tensor, clip_denoised: bool, denoised_fn: Callable | None
     ) -> dict[str, Tensor]:
+        return self.p_mean_variance_from_prediction(
+            self.prediction(output, x, t, clip_denoised, denoised_fn), x, t
+        )
+
+    def prediction(
+        self,
+        output: Tensor,
+        x: Tensor,
+        t: Tensor,
+        clip_denoised: bool = False,
+        denoised_fn: Callable[[Tensor], Tensor] | None = None,
+    ) -> Prediction:
+        """The :class:`~diffusion.process.denoiser.Prediction` a raw network output makes at (x_t, t)."""
         mean_out, var_out = self._split_output(output, x)
-        variance, log_variance = self._model_variance(var_out, x, t)
         pred_xstart, eps = self._xstart_eps(mean_out, x, t, clip_denoised, denoised_fn)
-        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        return Prediction(pred_xstart, eps, var_out)
+
+    def p_mean_variance_from_prediction(self, pred: Prediction, x: Tensor, t: Tensor) -> dict[str, Tensor]:
+        """
+        The reverse step p(x_{t-1} | x_t) given a prediction: the posterior mean of its x_0 and the variance of its
+        variance channels (or the fixed one). A prediction that carries a guidance gradient (``pred.grad``, the
+        ancestral form of classifier guidance) moves the mean by variance * grad, in float32 as the reference does.
+
+        :return: dict of [N x C x ...] Tensors: mean, variance, log_variance, pred_xstart, eps.
+        """
+        variance, log_variance = self._model_variance(pred.var_values, x, t)
+        mean, _, _ = self.q_posterior_mean_variance(pred.denoised, x, t)
+        if pred.grad is not None:
+            mean = mean.float() + variance.float() * pred.grad.float()
         return {
             "mean": mean,
             "variance": variance,
             "log_variance": log_variance,
-            "pred_xstart": pred_xstart,
-            "eps": eps,
+            "pred_xstart": pred.denoised,
+            "eps": pred.eps,
         }
+
+    def ancestral_step(self, pred: Prediction, x: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_{t-1} ~ p(x_{t-1} | x_t) given a prediction and standard normal ``noise``; the mean where t == 0."""
+        out = self.p_mean_variance_from_prediction(pred, x, t)
+        return out["mean"] + _nonzero_mask(t, x) * torch.exp(0.5 * out["log_variance"]) * noise
+
+    def ddim_step(self, pred: Prediction, x: Tensor, t: Tensor, eta: float, noise: Tensor | None) -> Tensor:
+        """
+        One DDIM step x_t -> x_{t-1} (Song et al. eq. 12) given a prediction; eta=0 is deterministic, eta=1 has
+        DDPM's variance (``noise`` is used only when eta > 0).
+        """
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        alpha_bar = self._coef("alphas_cumprod", t, x)
+        alpha_bar_prev = self._coef("alphas_cumprod_prev", t, x)
+        sigma = (
+            eta
+            * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+            * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        )
+        sample = (
+            pred.denoised * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * pred.eps
+        )
+        if eta > 0:
+            if noise is None:
+                noise = torch.randn_like(x)
+            sample = sample + _nonzero_mask(t, x) * sigma * noise
+        return sample
 
     # --- sampling ---------------------------------------------------------------------------------------------
 
@@ -537,24 +601,19 @@ class GaussianDiffusion:
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
         model_kwargs: dict | None = None,
         noise: Tensor | None = None,
-        cond_fn: CondFn | None = None,
     ) -> dict[str, Tensor]:
         """
-        One ancestral step x_t -> x_{t-1}; no noise is added where t == 0.
+        One ancestral step x_t -> x_{t-1} of a network; no noise is added where t == 0.
 
         :param x: an [N x C x ...] Tensor x_t.
         :param t: a LongTensor [N] of respaced timesteps.
         :param noise: optional standard normal noise like x.
-        :param cond_fn: classifier guidance (diffusion/guidance.py): shifts the mean by variance * gradient.
-        :return: dict with "sample" (x_{t-1}) and "pred_xstart" (unguided), each [N x C x ...].
+        :return: dict with "sample" (x_{t-1}) and "pred_xstart", each [N x C x ...].
         """
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        if cond_fn is not None:
-            out = condition_mean(self, out, x, t, cond_fn)
+        pred = self.prediction(self.model_output(model, x, t, model_kwargs), x, t, clip_denoised, denoised_fn)
         if noise is None:
             noise = torch.randn_like(x)
-        sample = out["mean"] + _nonzero_mask(t, x) * torch.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        return {"sample": self.ancestral_step(pred, x, t, noise), "pred_xstart": pred.denoised}
 
     def ddim_sample(
         self,
@@ -566,39 +625,19 @@ class GaussianDiffusion:
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
         model_kwargs: dict | None = None,
         noise: Tensor | None = None,
-        cond_fn: CondFn | None = None,
     ) -> dict[str, Tensor]:
         """
-        One DDIM step x_t -> x_{t-1} (Song et al. eq. 12); eta=0 is deterministic, eta=1 matches DDPM's variance.
+        One DDIM step x_t -> x_{t-1} of a network (see :meth:`ddim_step`).
 
         :param x: an [N x C x ...] Tensor x_t.
         :param t: a LongTensor [N] of respaced timesteps.
         :param noise: optional standard normal noise like x (drawn only when eta > 0).
-        :param cond_fn: classifier guidance (diffusion/guidance.py): corrects the score, so the step uses the
-            guided x_0 (not clipped again) and the noise re-derived from it.
         :return: dict with "sample" (x_{t-1}) and "pred_xstart", each [N x C x ...].
         """
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        if cond_fn is not None:
-            out = condition_score(self, out, x, t, cond_fn)
-        alpha_bar = self._coef("alphas_cumprod", t, x)
-        alpha_bar_prev = self._coef("alphas_cumprod_prev", t, x)
-        sigma = (
-            eta
-            * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-            * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        )
-        sample = (
-            out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
-            + torch.sqrt(1 - alpha_bar_prev - sigma**2) * out["eps"]
-        )
-        if eta > 0:
-            if noise is None:
-                noise = torch.randn_like(x)
-            sample = sample + _nonzero_mask(t, x) * sigma * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        pred = self.prediction(self.model_output(model, x, t, model_kwargs), x, t, clip_denoised, denoised_fn)
+        return {"sample": self.ddim_step(pred, x, t, eta, noise), "pred_xstart": pred.denoised}
 
     def ddim_reverse_sample(
         self,
@@ -728,6 +767,104 @@ class GaussianDiffusion:
             "xstart_mse": torch.stack(xstart_mse, dim=1),
             "mse": torch.stack(mse, dim=1),
         }
+
+
+class ADMDenoiser(Denoiser):
+    """The denoiser seam for a network trained on a :class:`GaussianDiffusion` (epsilon, x0 or v prediction).
+
+    Continuous face, k-diffusion's ``DiscreteEpsDDPMDenoiser`` / ``OpenAIDenoiser`` / ``DiscreteVDDPMDenoiser``:
+    the process's levels are sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t); for x = x0 + sigma * eps the network
+    sees x / sqrt(sigma^2 + 1) (the process's own x_t) at the timestep of sigma -- the nearest trained one when
+    ``quantize``, else t interpolated linearly in log sigma -- and its learned-variance channels are dropped.
+
+    Discrete face: :meth:`predict` at the process's own (respaced) timesteps with the process's arithmetic, so
+    that ADM's DDPM, DDIM and DPM-Solver++ keep their numbers; the variance channels come with the prediction.
+
+    :param process: the process the network was trained with (its respacing sets the trained levels).
+    :param net: the network (or a wrapper with its signature, such as classifier-free guidance).
+    :param clip_denoised: clamp the x0 estimate to [-1, 1] (the reference's clip_denoised).
+    :param quantize: the continuous face's sigma -> t: the nearest trained step (True) or interpolated.
+    """
+
+    def __init__(
+        self, process: GaussianDiffusion, net: Model, clip_denoised: bool = False, quantize: bool = True
+    ):
+        self.process = process
+        self.net = net
+        self.clip_denoised = clip_denoised
+        self.quantize = quantize
+        ac = process.alphas_cumprod
+        self.sigmas = torch.from_numpy(np.sqrt((1.0 - ac) / ac))  # float64, ascending in t
+        self.log_sigmas = self.sigmas.log()
+        self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
+
+    # --- continuous face -------------------------------------------------------------------------------------
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """The (fractional unless ``quantize``) respaced timestep of each sigma [N], float, on sigma's device."""
+        log_sigmas = self.log_sigmas.to(sigma.device, torch.float64)
+        log_sigma = sigma.to(torch.float64).log()
+        dists = log_sigma[:, None] - log_sigmas[None, :]
+        if self.quantize:
+            return dists.abs().argmin(dim=1).to(sigma.dtype if sigma.is_floating_point() else torch.float32)
+        low = (dists >= 0).cumsum(dim=1).argmax(dim=1).clamp(max=len(log_sigmas) - 2)
+        high = low + 1
+        w = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high])).clamp(0, 1)
+        return ((1 - w) * low + w * high).to(sigma.dtype)
+
+    def input_scale(self, sigma: Tensor) -> Tensor:
+        return (sigma**2 + 1).rsqrt()
+
+    def network_input(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        sigma = sigma_tensor(sigma, x)
+        c_in = append_dims(self.input_scale(sigma).to(x.dtype), x.dim())
+        return x * c_in, self._continuous_network_time(self.sigma_to_t(sigma))
+
+    def _continuous_network_time(self, t: Tensor) -> Tensor:
+        """Network time values of fractional respaced timesteps: the original index map interpolated linearly."""
+        table = self.process._table("timestep_map", t.device).to(torch.float64)
+        low = t.to(torch.float64).floor().long().clamp(0, len(table) - 1)
+        high = (low + 1).clamp(max=len(table) - 1)
+        w = t.to(torch.float64) - low
+        model_t = (1 - w) * table[low] + w * table[high]
+        if self.process.rescale_timesteps:
+            model_t = model_t * (1000.0 / self.process.original_num_steps)
+        return model_t.to(torch.float32)
+
+    def __call__(self, x: Tensor, sigma: Tensor, **extra_args) -> Tensor:
+        sigma = sigma_tensor(sigma, x)
+        x_in, t_net = self.network_input(x, sigma)
+        out = self.net(x_in, t_net, **extra_args)
+        out, _ = self.process._split_output(out, x)
+        s = append_dims(sigma.to(x.dtype), x.dim())
+        if self.process.model_mean_type == "epsilon":
+            denoised = x - s * out
+        elif self.process.model_mean_type == "x0":
+            denoised = out
+        else:  # v = sqrt(ab) eps - sqrt(1 - ab) x0 in the process's scaling: x0 = c_skip x + c_out v
+            denoised = x / (s**2 + 1) - out * s / (s**2 + 1).sqrt()
+        return denoised.clamp(-1, 1) if self.clip_denoised else denoised
+
+    # --- discrete face ---------------------------------------------------------------------------------------
+
+    def predict(self, x: Tensor, t: Tensor, **extra_args) -> Prediction:
+        out = self.process.model_output(self.net, x, t, extra_args)
+        return self.process.prediction(out, x, t, self.clip_denoised)
+
+    def respaced(self, timesteps: list[int]) -> ADMDenoiser:
+        return ADMDenoiser(self.process.respace_to(timesteps), self.net, self.clip_denoised, self.quantize)
+
+    def network_timesteps(self, t: Tensor) -> Tensor:
+        return self.process.network_timesteps(t)
+
+    def shift_by_score(self, prediction: Prediction, x: Tensor, t: Tensor, grad: Tensor) -> Prediction:
+        """Score correction (Song et al.): eps' = eps - sqrt(1 - alpha_bar_t) * grad, x_0 and eps re-derived from
+        it. x_0' is not clipped again: clipping would undo part of the guidance."""
+        process = self.process
+        eps = process.eps_from_xstart(x, t, prediction.denoised)
+        eps = eps - process._coef("sqrt_one_minus_alphas_cumprod", t, x) * grad.to(x.dtype)
+        guided = process.xstart_from_eps(x, t, eps)
+        return prediction.with_(denoised=guided, eps=process.eps_from_xstart(x, t, guided))
 
 
 # --------------------------------------------------------------------------------------------------------------
