@@ -118,6 +118,11 @@ def _evaluate(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict | None:
     if cfg.seed < 0:
         raise SamplingError(f"seed={cfg.seed}: must be >= 0")
     model, diffusion, info = load_model(cfg)
+    if not isinstance(diffusion, GaussianDiffusion):
+        raise SamplingError(
+            f"bits/dim is the variational bound of ADM's discrete process (diffusion=adm, ddpm, improved); "
+            f"{cfg.checkpoint} was trained with diffusion={diffusion.name}, which has no such bound here"
+        )
     if info.get("vae") is not None:
         raise SamplingError(
             f"{cfg.checkpoint} models the VAE latents of its images (data.latent=true): bits/dim is computed "

@@ -129,10 +129,20 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, object, dict]:
     )
     diffusion = build(diffusion_cfg)
     expected = model.in_channels * (2 if diffusion.learns_sigma else 1)
-    if model.out_channels != expected:
+    extra_ok = diffusion.accepts_variance_channels and model.out_channels == 2 * model.in_channels
+    if model.out_channels != expected and not extra_ok:
+        if diffusion.discrete:
+            wanted = f"diffusion.model_var_type={diffusion.model_var_type} expects {expected}"
+        elif model.out_channels == 2 * model.in_channels:
+            wanted = (
+                f"diffusion={diffusion.name} trains networks without them (these are ADM's learned-variance "
+                "channels: a network trained with diffusion=adm samples with diffusion=adm)"
+            )
+        else:
+            wanted = f"diffusion={diffusion.name} expects {expected}"
         raise SamplingError(
-            f"the network outputs {model.out_channels} channels but diffusion.model_var_type="
-            f"{diffusion.model_var_type} expects {expected}: choose the diffusion preset the model was trained with"
+            f"the network outputs {model.out_channels} channels but {wanted}: choose the diffusion preset the "
+            "model was trained with"
         )
     return model.eval(), diffusion, info
 

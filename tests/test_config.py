@@ -113,8 +113,13 @@ def test_reference_flag_vocabulary_overrides():
 @pytest.mark.parametrize("name", options("diffusion"))
 def test_diffusion_presets(name):
     d = instantiate(compose_cfg([f"diffusion={name}"]).diffusion)
-    assert d.num_timesteps == 1000
-    assert d.learns_sigma == (name != "ddpm")
+    if name in ("adm", "ddpm", "improved"):
+        assert d.discrete and d.num_timesteps == 1000
+        assert d.learns_sigma == (name != "ddpm")
+    else:  # the continuous formulations
+        assert not d.discrete and d.name == {"edm": "edm", "edm2": "edm", "flow": "flow", "sit": "flow"}[name]
+        assert d.learns_sigma == (name == "sit")
+        assert (d.modules() != []) == (name == "edm2")  # EDM2's learned weighting is trainable state
 
 
 @pytest.mark.parametrize("name", options("sampler"))

@@ -25,7 +25,7 @@ def component_schemas() -> dict[str, type]:
     from diffusion.engine import loggers, tasks
     from diffusion.evaluation import sample_quality
     from diffusion.models import dit, unet, vae
-    from diffusion.process import timestep_samplers
+    from diffusion.process import edm, flow, timestep_samplers
     from diffusion.process.gaussian import GaussianDiffusion
     from diffusion.runtime import hardware
     from diffusion.sampling import solvers
@@ -38,6 +38,8 @@ def component_schemas() -> dict[str, type]:
         "schema_dit": schema(dit.DiT),
         "schema_vae": schema(vae.load_vae, runtime=("device", "dtype")),
         "schema_diffusion": schema(GaussianDiffusion),
+        "schema_edm": schema(edm.EDM),
+        "schema_flow": schema(flow.Flow),
         "schema_digits": schema(data.Digits, defaults=follow_model, base=LoaderConfig),
         "schema_image_folder": schema(
             data.ImageFolder, runtime=("cache_dir",), defaults=follow_model, base=LoaderConfig

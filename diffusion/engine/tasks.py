@@ -62,14 +62,10 @@ class Task:
         self.diffusion = diffusion
         self.sampler = sampler
 
-    @property
-    def num_timesteps(self) -> int:
-        """T of the original process: the loss tracker's quartiles split [0, T)."""
-        return self.diffusion.original_num_steps
-
-    def original_timesteps(self, t: Tensor) -> Tensor:
-        """:param t: a LongTensor [N] of the process's timesteps; returns the original indices [N]."""
-        return self.diffusion.original_timesteps(t)
+    def quartile(self, levels: Tensor) -> Tensor:
+        """Which quarter of the formulation's level density each example's level fell in, a LongTensor [N] in
+        0..3 (ADM: quarters of [0, T); EDM and flow matching: equal-probability bins)."""
+        return self.diffusion.quartile(levels)
 
     def build_model(self, model_cfg: DictConfig, data) -> tuple[nn.Module, dict]:
         raise NotImplementedError
@@ -278,6 +274,12 @@ class ClassifierTask(Task):
         val_images: int = 0,
         val_batch_size: int = 256,
     ) -> None:
+        if not diffusion.discrete:
+            raise ConfigError(
+                f"task=classifier trains a noisy-image classifier on ADM's discrete process; diffusion="
+                f"{diffusion.name} has none: use diffusion=adm (classifier guidance of EDM or flow models needs a "
+                "classifier trained on their noise levels, which this task does not do)"
+            )
         super().__init__(diffusion, sampler)
         for name, value, least in [
             ("val_timesteps", val_timesteps, 1),
@@ -335,7 +337,7 @@ class ClassifierTask(Task):
         if self.val_data is None:
             return {}
         device = run.hw.device
-        tracker = LossTracker(self.num_timesteps, device, prefix="val/")
+        tracker = LossTracker(4, device, prefix="val/")
         count = min(len(self.val_data), self.val_images or len(self.val_data))
         mine = list(range(run.env.rank, count, run.env.world_size))
         T = self.diffusion.num_timesteps
@@ -354,7 +356,7 @@ class ClassifierTask(Task):
                 t, noise = t.to(device), noise.to(device)
                 with run.hw.autocast():
                     terms = classification_terms(self.logits(model, x, t, noise), y)
-                tracker.add(terms, self.original_timesteps(t) if self.noised else torch.zeros_like(t))
+                tracker.add(terms, self.quartile(t) if self.noised else torch.zeros_like(t))
         if not mine:  # a rank without images still takes part in the reduction, with the same terms
             empty = torch.zeros(0, device=device)
             tracker.add(dict.fromkeys(("loss", "acc@1", "acc@5"), empty), empty.long())

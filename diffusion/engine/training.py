@@ -32,8 +32,9 @@ from diffusion.data.datasets import InfiniteLoader
 from diffusion.data.images import save_grid, to_uint8
 from diffusion.engine import checkpoint as ckpt
 from diffusion.engine.loggers import LossTracker
+from diffusion.engine.periodic import Checkpointing, Evaluation, LogMetrics, SampleGrids
 from diffusion.engine.tasks import RunContext, Task
-from diffusion.errors import UserError
+from diffusion.errors import ConfigError, UserError
 from diffusion.runtime.distributed import (
     DistEnv,
     all_gather_object,
@@ -99,6 +100,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
         config=OmegaConf.to_yaml(cfg, resolve=True),
         model_config=model_config,
         class_names=list(dataset.class_names),
+        extra=task.diffusion.modules(),
     )
 
     # Resume the run in this directory, or start from given weights.
@@ -134,8 +136,9 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
     guard = _install_preemption_guard()
     exit_code = 1
     try:
-        # The loop: one optimizer step over the global batch per iteration.
-        tracker = LossTracker(task.num_timesteps, device, prefix="")
+        # The loop: one optimizer step over the global batch per iteration, then the jobs that are due.
+        # The formulation bins each example into a quarter of its level density (task.quartile): bins 0..3.
+        tracker = LossTracker(4, device, prefix="")
         nonfinite = NonFiniteSteps(device)
         metrics: dict = {}
         batches = iter(loader)
@@ -147,54 +150,37 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
             dynamic_ncols=True,
         )
         timer = Throughput(cfg.data.batch_size, state.step)
+        jobs = [
+            LogMetrics(
+                cfg.log_every, tracker, nonfinite, timer, state, hw, cfg, ckpt_dir, logger, bar, metrics
+            ),
+            Checkpointing(
+                cfg.save_every,
+                lambda: state.save(ckpt_dir, env, cfg.keep_last, cfg.milestone_every),
+                guard,
+            ),
+            SampleGrids(
+                cfg.sample_every,
+                lambda: write_sample_grid(task, state, cfg, hw, sample_dir, logger),
+                env.is_main,
+            ),
+            Evaluation(
+                cfg.eval_every, task, state, run, logger, metrics, lambda: state.save_best(ckpt_dir, env)
+            ),
+        ]
         model.train()
         while state.step < total_steps:
             x, y = next(batches)
             out = train_step(
                 state, task, net, hw.prepare_batch(x), y.to(device, non_blocking=True), plan, hw, ddp
             )
-            tracker.add(out.terms, task.original_timesteps(out.t))
+            tracker.add(out.terms, task.quartile(out.t))
             nonfinite.add(out.grad_norm)
             bar.update(1)
             step, done = state.step, state.step >= total_steps
-
-            if step % cfg.log_every == 0 or done:
-                metrics = tracker.compute()  # every rank takes part in the reduction
-                nonfinite.check(step, cfg.optim.max_nonfinite_steps, ckpt_dir)
-                metrics.update(
-                    lr=state.scheduler.get_last_lr()[0],
-                    grad_norm=out.grad_norm.item(),
-                    skipped_steps=nonfinite.skipped.item(),
-                    images_seen=step * cfg.data.batch_size,
-                    **timer.rates(step),
-                )
-                if hw.precision == "fp16":
-                    metrics["loss_scale"] = state.scaler.get_scale()
-                if device.type == "cuda":
-                    metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                if logger is not None:
-                    logger.log({f"train/{k}": v for k, v in metrics.items()}, step)
-                    bar.set_postfix(
-                        loss=f"{metrics.get('loss', math.nan):.4f}", img_s=f"{metrics['images_per_s']:.1f}"
-                    )
-                    log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-            preempted = guard is not None and guard.requested_on_any_rank()  # ranks stop at the same step
-            if done or preempted or (cfg.save_every and step % cfg.save_every == 0):
-                state.save(ckpt_dir, env, cfg.keep_last, cfg.milestone_every)
-            if preempted:
-                log.warning(
-                    "pre-emption signal: saved step %d; handing over to the launcher to requeue", step
-                )
-                guard.hand_over()  # submitit requeues and exits; if the handler returns, training goes on
-            if env.is_main and (done or (cfg.sample_every and step % cfg.sample_every == 0)):
-                write_sample_grid(task, state, cfg, hw, sample_dir, logger)
-            if done or (cfg.eval_every and step % cfg.eval_every == 0):
-                evaluation = task.evaluate(state.first_ema, step, run)
-                if logger is not None and evaluation:
-                    logger.log(evaluation, step)
-                metrics.update(evaluation)
-                if task.objective is not None and state.record_if_best(evaluation, *task.objective):
-                    state.save_best(ckpt_dir, env)  # every rank decides alike: the evaluation is rank 0's
+            for job in jobs:
+                if job.due(step, done):
+                    job(step, out)
         bar.close()
         if env.distributed:  # DDP keeps replicas in step; verify it, a silent divergence would waste the run
             if not replicas_identical(model):
@@ -304,6 +290,10 @@ def train_step(
             state.scaler.scale(loss).backward()
         state.sampler.update_with_losses(t[part], terms["loss"].detach())
         parts.append({k: v.detach() for k, v in terms.items()})
+    if ddp is not None:  # DDP averages the network's gradients; the formulation's own ones are averaged here
+        for p in (p for m in state.extra for p in m.parameters() if p.grad is not None):
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= plan.world_size
     grad_norm = optimizer_step(state.model, state.optimizer, state.scaler, plan.max_norm)
     state.scheduler.step()
     update_ema(state.ema, state.model, state.step, plan.ema_warmup)  # a skipped step leaves params finite
@@ -403,12 +393,19 @@ class TrainState:
     step: int = 0
     wandb_id: str | None = None
     best: dict = field(default_factory=dict)  # {"key", "value", "step"} of the best evaluation so far
+    # Trainable modules of the formulation besides the network (EDM2's loss weighting): optimised and saved too.
+    extra: list[torch.nn.Module] = field(default_factory=list)
 
     @classmethod
-    def create(cls, cfg: DictConfig, model: torch.nn.Module, hw, sampler, loader=None, **info) -> TrainState:
+    def create(
+        cls, cfg: DictConfig, model: torch.nn.Module, hw, sampler, loader=None, extra=(), **info
+    ) -> TrainState:
         """A fresh state for ``model`` (on its device): EMA copies, the configured optimizer, lr schedule and grad
-        scaler. ``info``: the run's config, model_config and class_names, as stored in checkpoints."""
-        optimizer = make_optimizer(cfg, model, hw)
+        scaler. ``extra``: the formulation's own trainable modules (moved to the model's device and optimised with
+        it). ``info``: the run's config, model_config and class_names, as stored in checkpoints."""
+        device = next(model.parameters()).device
+        extra = [m.to(device) for m in extra]
+        optimizer = make_optimizer(cfg, model, hw, extra)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.optim.lr_anneal_steps)
         )
@@ -421,6 +418,7 @@ class TrainState:
             sampler,
             loader,
             **info,
+            extra=extra,
         )
 
     @property
@@ -483,6 +481,7 @@ class TrainState:
                 "model_config": OmegaConf.to_yaml(self.model_config),
                 "class_names": self.class_names,
                 "best": self.best,
+                "formulation": [m.state_dict() for m in self.extra],
             }
         return None
 
@@ -495,6 +494,8 @@ class TrainState:
             if str(rate) not in state["ema"]:
                 raise TrainingError(f"{path} has no EMA with rate {rate} (it has {sorted(state['ema'])})")
             ema.load_state_dict(state["ema"][str(rate)])
+        for module, saved in zip(self.extra, state.get("formulation") or []):
+            module.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -545,9 +546,23 @@ def build_dataset(data_cfg: DictConfig, cache_dir: Path | None = None, vae: Dict
 def build_task(cfg: DictConfig) -> Task:
     """The ``task`` group's task, with the run's diffusion process, timestep sampler and grid solver."""
     diffusion = build(cfg.diffusion)
-    sampler = build(cfg.sampler, num_timesteps=diffusion.num_timesteps)
-    # Capped at the process's length, so that short test processes can sample.
-    solver = build(cfg.solver, steps=min(cfg.solver.steps, diffusion.num_timesteps))
+    if not diffusion.discrete and not OmegaConf.select(cfg, "sampler._target_", default="").endswith(
+        "UniformSampler"
+    ):
+        raise ConfigError(
+            f"sampler={cfg.sampler._target_.rsplit('.', 1)[-1]} draws ADM's discrete timesteps; diffusion="
+            f"{diffusion.name} draws its own noise levels: drop the sampler override"
+        )
+    sampler = diffusion.level_sampler(lambda num_timesteps: build(cfg.sampler, num_timesteps=num_timesteps))
+    steps = cfg.solver.steps
+    if diffusion.discrete and "steps" in cfg.solver:
+        steps = min(steps, diffusion.num_timesteps)  # capped, so that short test processes can sample
+    solver = build(cfg.solver, steps=steps)
+    if getattr(solver, "discrete", False) and not diffusion.discrete:
+        raise ConfigError(
+            f"solver={type(solver).__name__} steps through ADM's discrete timesteps; diffusion={diffusion.name} "
+            "has none: use a continuous sampler, e.g. solver=heun (or solver=euler, solver=dpmpp_2m)"
+        )
     return build(cfg.task, diffusion=diffusion, sampler=sampler, solver=solver)
 
 
@@ -556,9 +571,11 @@ def make_ema(model: torch.nn.Module, rates) -> dict[float, torch.nn.Module]:
     return {float(r): copy.deepcopy(model).requires_grad_(False).eval() for r in rates}
 
 
-def make_optimizer(cfg: DictConfig, model: torch.nn.Module, hw) -> torch.optim.Optimizer:
-    """The configured optimizer over the model's parameters, fused where the hardware group asks for it."""
-    return build(cfg.optim.optimizer)(model.parameters(), **({"fused": True} if hw.fused_optimizer else {}))
+def make_optimizer(cfg: DictConfig, model: torch.nn.Module, hw, extra=()) -> torch.optim.Optimizer:
+    """The configured optimizer over the model's parameters (and those of ``extra`` modules), fused where the
+    hardware group asks for it."""
+    params = [*model.parameters(), *(p for m in extra for p in m.parameters())]
+    return build(cfg.optim.optimizer)(params, **({"fused": True} if hw.fused_optimizer else {}))
 
 
 def lr_lambda(warmup_steps: int, anneal_steps: int):
@@ -575,6 +592,8 @@ def lr_lambda(warmup_steps: int, anneal_steps: int):
 
 def write_sample_grid(task: Task, state: TrainState, cfg: DictConfig, hw, sample_dir: Path, logger) -> None:
     """The first EMA's progress grid, as PNG and in the logger, when the task generates images."""
+    if cfg.num_grid_samples < 1:
+        return
     x = task.sample_grid(state.first_ema, cfg.num_grid_samples, cfg.seed, hw)
     if x is None:
         return

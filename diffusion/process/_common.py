@@ -1,6 +1,6 @@
 """Helpers shared by the continuous-noise formulations: config validation and broadcasting.
 
-Config errors are plain ``ValueError`` with a one-line message naming the key, e.g.
+Config errors are ConfigError (a ValueError) with a one-line message naming the key, e.g.
 ``"diffusion.sigma_data=-1: must be > 0"``; the platform's ConfigError is a ValueError subclass, so an integrator
 may swap it in without changing callers.
 """
@@ -12,12 +12,14 @@ import math
 import torch
 from torch import Tensor
 
+from diffusion.errors import ConfigError
+
 KEY_PREFIX = "diffusion."
 
 
 def config_error(key: str, value: object, why: str) -> ValueError:
-    """A ValueError whose one-line message names the config key, its value and the constraint."""
-    return ValueError(
+    """A ConfigError (a ValueError) whose one-line message names the config key, its value and the constraint."""
+    return ConfigError(
         f"{KEY_PREFIX}{key}={value!r}: {why}"
         if isinstance(value, str)
         else f"{KEY_PREFIX}{key}={value}: {why}"

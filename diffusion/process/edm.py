@@ -35,6 +35,8 @@ from diffusion.process._common import (
     mean_flat,
     per_example,
 )
+from diffusion.process.denoiser import Denoiser
+from diffusion.process.formulation import Formulation
 
 # Standard-normal quantiles at 0.25, 0.5 and 0.75: the quartile edges of ln(sigma) ~ N(P_mean, P_std^2).
 _NORMAL_QUARTILES = (-0.6744897501960817, 0.0, 0.6744897501960817)
@@ -64,25 +66,37 @@ class UncertaintyWeight(nn.Module):
         return self.linear(feats)[:, 0].to(c_noise.dtype)
 
 
-class EDMDenoiser:
+class EDMDenoiser(Denoiser):
     """The seam's denoiser D(x, sigma, **extra) -> x0 estimate for a network trained under :class:`EDM`.
 
-    ``extra`` (e.g. ``y=labels``) is passed to the network unchanged.
+    ``extra`` (e.g. ``y=labels``) is passed to the network unchanged; ``clip_denoised`` clamps the estimate to
+    [-1, 1].
     """
 
-    def __init__(self, formulation: EDM, net: Callable[..., Tensor]):
+    def __init__(self, formulation: EDM, net: Callable[..., Tensor], clip_denoised: bool = False):
         self.formulation = formulation
         self.net = net
+        self.clip_denoised = clip_denoised
         self.sigma_min = formulation.sigma_min
         self.sigma_max = formulation.sigma_max
         self.sigma_data = formulation.sigma_data
 
     def __call__(self, x: Tensor, sigma: Tensor | float, **extra) -> Tensor:
         """x [N, ...] (x0 + sigma*eps), sigma scalar or [N] -> x0 estimate [N, ...] in x's dtype."""
-        return self.formulation.precondition(self.net, x, per_example(sigma, x), extra)
+        denoised = self.formulation.precondition(self.net, x, per_example(sigma, x), extra)
+        return denoised.clamp(-1, 1) if self.clip_denoised else denoised
+
+    def input_scale(self, sigma: Tensor) -> Tensor:
+        return 1 / (self.sigma_data**2 + sigma**2).sqrt()
+
+    def network_input(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        sigma = per_example(sigma, x)
+        return x * append_dims(self.input_scale(sigma).to(x.dtype), x.ndim), self.formulation.network_time(
+            sigma
+        )
 
 
-class EDM:
+class EDM(Formulation):
     """The EDM formulation (Karras et al. 2022); see the module docstring for the formulas.
 
     Args:
@@ -92,6 +106,8 @@ class EDM:
         time_scale: multiplier of c_noise in the network's time input (see module docstring).
         uncertainty: use EDM2's learned log-variance weighting (the formulation then owns trainable parameters).
     """
+
+    name = "edm"
 
     def __init__(
         self,
@@ -159,9 +175,12 @@ class EDM:
         check_output_channels(F_x, x, "EDM")
         return c_skip * x + c_out * F_x.to(x.dtype)
 
-    def denoiser(self, net: Callable[..., Tensor]) -> EDMDenoiser:
-        """The seam's D(x, sigma, **extra) for ``net``, with ``sigma_min``/``sigma_max`` attributes."""
-        return EDMDenoiser(self, net)
+    def denoiser(
+        self, net: Callable[..., Tensor], clip_denoised: bool = False, quantize: bool = True
+    ) -> EDMDenoiser:
+        """The seam's D(x, sigma, **extra) for ``net``, with ``sigma_min``/``sigma_max`` attributes (``quantize``
+        has no meaning for a continuous formulation)."""
+        return EDMDenoiser(self, net, clip_denoised)
 
     # ---- training ------------------------------------------------------------------------------------------------
 
@@ -185,7 +204,7 @@ class EDM:
         net: Callable[..., Tensor],
         x0: Tensor,
         levels: Tensor,
-        noise: Tensor,
+        noise: Tensor | None = None,
         model_kwargs: dict | None = None,
     ) -> dict[str, Tensor]:
         """Per-example losses for data x0 [N, ...] at sigmas ``levels`` [N] with standard-normal ``noise`` [N, ...].
@@ -193,6 +212,8 @@ class EDM:
         Returns "loss" [N]: mean over non-batch dims of lambda * (D - x0)^2 (EDM2: lambda/exp(u) * err + u),
         "mse" [N]: unweighted mean squared error of D, "weight" [N]: lambda, and "logvar" [N] with uncertainty.
         """
+        if noise is None:
+            noise = torch.randn_like(x0)
         sigma = levels.to(device=x0.device, dtype=x0.dtype)
         denoised = self.precondition(net, x0 + append_dims(sigma, x0.ndim) * noise, sigma, model_kwargs)
         mse = mean_flat((denoised - x0) ** 2)

@@ -48,6 +48,8 @@ from diffusion.process._common import (
     mean_flat,
     per_example,
 )
+from diffusion.process.denoiser import Denoiser
+from diffusion.process.formulation import Formulation
 
 PATHS = ("linear", "gvp")
 PREDICTIONS = ("velocity", "noise", "score")
@@ -59,14 +61,26 @@ LAST_STEPS = ("mean", "tweedie", "euler", "none")
 MAX_MODE_SCALE = 1 / (math.pi / 2 - 1)
 
 
-class FlowDenoiser:
-    """The seam's denoiser D(x, sigma, **extra) -> x1 (data) estimate for a network trained under :class:`Flow`."""
+class FlowDenoiser(Denoiser):
+    """The seam's denoiser D(x, sigma, **extra) -> x1 (data) estimate for a network trained under :class:`Flow`.
 
-    def __init__(self, formulation: Flow, net: Callable[..., Tensor]):
+    In the variance-exploding variables x = x_t / alpha_t and sigma = sigma_t / alpha_t; the network sees x_t.
+    """
+
+    def __init__(self, formulation: Flow, net: Callable[..., Tensor], clip_denoised: bool = False):
         self.formulation = formulation
         self.net = net
+        self.clip_denoised = clip_denoised
         self.sigma_min = formulation.sigma_min
         self.sigma_max = formulation.sigma_max
+
+    def input_scale(self, sigma: Tensor) -> Tensor:
+        return self.formulation.coefficients(self.formulation.t_from_sigma(sigma))[0]
+
+    def network_input(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.formulation
+        t = f.t_from_sigma(per_example(sigma, x))
+        return append_dims(f.coefficients(t)[0], x.ndim) * x, f.network_time(t)
 
     def __call__(self, x: Tensor, sigma: Tensor | float, **extra) -> Tensor:
         """x [N, ...] = x1 + sigma * eps, sigma scalar or [N] -> x1 estimate [N, ...]."""
@@ -76,10 +90,11 @@ class FlowDenoiser:
         alpha, _, _, _ = f.coefficients(t)
         xt = append_dims(alpha, x.ndim) * x
         out = f.call_net(self.net, xt, t, extra)
-        return f.convert(out, xt, t)[0]
+        denoised = f.convert(out, xt, t)[0]
+        return denoised.clamp(-1, 1) if self.clip_denoised else denoised
 
 
-class Flow:
+class Flow(Formulation):
     """SiT's stochastic-interpolant formulation; see the module docstring for conventions.
 
     Args:
@@ -91,7 +106,14 @@ class Flow:
         train_eps: margin of the training interval [eps, 1 - eps]; negative = SiT's default for the prediction.
         sigma_min, sigma_max: the VE sampling range the denoiser reports.
         time_scale: multiplier of t in the network's time input.
+        learn_sigma: the network has learned-variance channels after its prediction (a DiT with learn_sigma, as
+            SiT's released checkpoints): they are ignored, as SiT's forward drops them.
     """
+
+    name = "flow"
+    # Networks with learned-sigma channels (DiT's default, SiT's released checkpoints) are accepted: the extra
+    # channels are dropped, as SiT's forward does.
+    accepts_variance_channels = True
 
     def __init__(
         self,
@@ -107,6 +129,7 @@ class Flow:
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
         time_scale: float = 1000.0,
+        learn_sigma: bool = False,
     ):
         self.path = check_choice("path", path, PATHS)
         self.prediction = check_choice("prediction", prediction, PREDICTIONS)
@@ -132,6 +155,9 @@ class Flow:
         if self.sigma_max <= self.sigma_min:
             raise ValueError(f"diffusion.sigma_max={sigma_max}: must be > sigma_min={sigma_min}")
         self.time_scale = check_float("time_scale", time_scale, positive=True)
+        if not isinstance(learn_sigma, bool):
+            raise config_error("learn_sigma", learn_sigma, "must be true or false")
+        self.learns_sigma = learn_sigma
 
     def modules(self) -> list:
         """No trainable state of its own."""
@@ -173,6 +199,8 @@ class Flow:
         self, net: Callable[..., Tensor], xt: Tensor, t: Tensor, model_kwargs: dict | None
     ) -> Tensor:
         out = net(xt, self.network_time(t), **(model_kwargs or {}))
+        if out.shape[1] == 2 * xt.shape[1]:
+            out = out[:, : xt.shape[1]]  # a DiT with learned-sigma channels: SiT's forward drops them too
         check_output_channels(out, xt, "Flow")
         return out
 
@@ -207,9 +235,11 @@ class Flow:
         sigma = append_dims(self.coefficients(t.to(xt.dtype))[2], xt.ndim)
         return -self.noise(out, xt, t) / sigma
 
-    def denoiser(self, net: Callable[..., Tensor]) -> FlowDenoiser:
+    def denoiser(
+        self, net: Callable[..., Tensor], clip_denoised: bool = False, quantize: bool = True
+    ) -> FlowDenoiser:
         """The seam's D(x, sigma, **extra) for ``net``, with ``sigma_min``/``sigma_max`` attributes."""
-        return FlowDenoiser(self, net)
+        return FlowDenoiser(self, net, clip_denoised)
 
     # ---- timestep density ----------------------------------------------------------------------------------------
 
@@ -256,7 +286,7 @@ class Flow:
         net: Callable[..., Tensor],
         x0: Tensor,
         levels: Tensor,
-        noise: Tensor,
+        noise: Tensor | None = None,
         model_kwargs: dict | None = None,
     ) -> dict[str, Tensor]:
         """SiT's per-example loss for data x0 [N, ...] (SiT's x1) at times ``levels`` [N] with ``noise`` [N, ...].
@@ -264,6 +294,8 @@ class Flow:
         Returns "loss" [N] (SiT's weighted loss; weight 1 for velocity prediction), "mse" [N] (the same squared
         error unweighted: of the velocity, the noise, or sigma_t * score + eps) and "weight" [N].
         """
+        if noise is None:
+            noise = torch.randn_like(x0)
         t = levels.to(device=x0.device, dtype=x0.dtype)
         alpha, d_alpha, sigma, d_sigma = (append_dims(c, x0.ndim) for c in self.coefficients(t))
         xt = alpha * x0 + sigma * noise

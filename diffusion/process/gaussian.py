@@ -23,12 +23,16 @@ from torch import Tensor
 
 from diffusion.errors import ConfigError
 from diffusion.process.denoiser import Denoiser, Prediction, append_dims, sigma_tensor
+from diffusion.process.formulation import Formulation
+from diffusion.process.weighting import min_snr_weights
 
 Model = Callable[..., Tensor]
 
 MEAN_TYPES = ("epsilon", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
+LOSS_WEIGHTINGS = ("none", "min_snr")
+_MIN_SNR_TARGET = {"epsilon": "eps", "x0": "x0", "v": "v"}
 
 # Schedule tables behind each fixed variance type: (variance, log-variance) attribute names.
 _FIXED_VARIANCE_TABLES = {
@@ -197,7 +201,7 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
 # --------------------------------------------------------------------------------------------------------------
 
 
-class GaussianDiffusion:
+class GaussianDiffusion(Formulation):
     """
     A Gaussian diffusion process with its reverse-process parameterisation and losses.
 
@@ -213,7 +217,13 @@ class GaussianDiffusion:
     :param rescale_timesteps: call the network with float t * 1000 / steps (improved-DDPM models) instead of
         the integer original index.
     :param timestep_respacing: None for all steps, or the section counts of :func:`space_timesteps`.
+    :param loss_weighting: "none", or "min_snr": Min-SNR-gamma (Hang et al. 2023) weights on the MSE term, for
+        the network's target (epsilon, x0 or v; the authors' weights, diffusion/process/weighting.py).
+    :param min_snr_gamma: the clamp of Min-SNR-gamma.
     """
+
+    name = "adm"
+    discrete = True
 
     def __init__(
         self,
@@ -224,8 +234,18 @@ class GaussianDiffusion:
         loss_type: str = "mse",
         rescale_timesteps: bool = False,
         timestep_respacing: str | int | Sequence[int] | None = None,
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
     ):
         _check_choice("model_mean_type", model_mean_type, MEAN_TYPES)
+        _check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
+        if not min_snr_gamma > 0:
+            raise ConfigError(f"diffusion.min_snr_gamma={min_snr_gamma}: must be > 0 (the paper's is 5)")
+        if loss_weighting == "min_snr" and loss_type not in ("mse", "rescaled_mse"):
+            raise ConfigError(
+                f"diffusion.loss_weighting=min_snr weights the MSE term; loss_type={loss_type} has none: use "
+                "loss_type=mse"
+            )
         _check_choice("model_var_type", model_var_type, VAR_TYPES)
         _check_choice("loss_type", loss_type, LOSS_TYPES)
         self._settings = dict(
@@ -235,7 +255,11 @@ class GaussianDiffusion:
             model_var_type=model_var_type,
             loss_type=loss_type,
             rescale_timesteps=rescale_timesteps,
+            loss_weighting=loss_weighting,
+            min_snr_gamma=min_snr_gamma,
         )
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = float(min_snr_gamma)
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
@@ -301,6 +325,16 @@ class GaussianDiffusion:
         # so that the t=0 decoder is not as wide as beta_1 would make it.
         self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
         self.fixed_large_log_variance = np.log(self.fixed_large_variance)
+
+    # --- the formulation interface (diffusion/process/formulation.py) -----------------------------------------
+
+    def level_sampler(self, configured):
+        """The ``sampler`` group's timestep sampler over this process's steps."""
+        return configured(self.num_timesteps)
+
+    def quartile(self, levels: Tensor) -> Tensor:
+        """Respaced timesteps [N] -> the quarter of the ORIGINAL [0, T) each falls in, a LongTensor [N]."""
+        return (self.original_timesteps(levels.long()) * 4 // self.original_num_steps).clamp(0, 3)
 
     @property
     def learns_sigma(self) -> bool:
@@ -702,6 +736,12 @@ class GaussianDiffusion:
             return {"loss": vb * self._vb_scale}
         mean_out, var_out = self._split_output(output, x_t)
         terms = {"mse": mean_flat((self._mse_target(x_start, noise, t) - mean_out) ** 2)}
+        if self.loss_weighting == "min_snr":
+            # t indexes this process's own table: a respaced process keeps the kept steps' alpha_bar.
+            weight = min_snr_weights(
+                self.alphas_cumprod, t, _MIN_SNR_TARGET[self.model_mean_type], self.min_snr_gamma
+            )
+            terms["mse"] = terms["mse"] * weight.to(terms["mse"].dtype)
         if var_out is not None:
             # The bound trains only the variance: the mean is detached so the MSE alone shapes it.
             frozen = torch.cat([mean_out.detach(), var_out], dim=1)

@@ -50,6 +50,8 @@ class Solver:
     # How classifier guidance reaches the step: "score" (a corrected prediction) or "mean" (an ancestral step
     # moves its mean by variance * gradient).
     classifier_form = "score"
+    # These solvers step through a process's discrete timesteps (the denoiser's discrete face).
+    discrete = True
 
     def __init__(self, steps: int, clip_denoised: bool = True) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
