@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The torch pair this machine installs from its own disk; users' clusters bring their own.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install train sample test bench bench-gpu lint clean
+.PHONY: install train sample test test-fast bench bench-gpu lint clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ train: install
 # cores two threads per process mostly wait for each other.
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# The developers' inner loop: the unit tier only (tests/conftest.py assigns the tiers), under 3 minutes here.
+test-fast: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m unit
 
 bench: install
 	$(PY) benchmarks/bench.py

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -60,3 +60,10 @@ def exit_on_user_error(work: Callable[[], T], log: logging.Logger) -> T:
         log.debug("request failed", exc_info=True)
         log.error("%s", one_line(error))
         sys.exit(1)
+
+
+def check_choice(key: str, value: object, choices) -> object:
+    """``value`` when it is one of ``choices``; else a one-line ConfigError naming the key and the choices."""
+    if not isinstance(value, Hashable) or value not in choices:
+        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(repr, choices))}")
+    return value

@@ -20,7 +20,8 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from diffusion import CONF_DIR, register
-from diffusion.config import LOADER_KEYS, build
+from diffusion.config import build
+from diffusion.data.datasets import build_dataset
 from diffusion.data.latent import LatentDataset, build_latent_cache
 from diffusion.models.vae import LatentError
 
@@ -36,7 +37,7 @@ def write_latent_cache(cfg: DictConfig) -> LatentDataset:
             "data.latent_cache=/data/latents/imagenet256"
         )
     hw = build(cfg.hardware)
-    dataset = build({k: v for k, v in cfg.data.items() if k not in LOADER_KEYS})
+    dataset = build_dataset(cfg.data, latent=False)
     vae = build(cfg.vae, device=hw.device)
     existing = (Path(cfg.data.latent_cache).expanduser() / "meta.json").is_file()
     bar = tqdm(total=len(dataset), desc="encoding", unit="img")

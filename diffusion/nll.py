@@ -24,8 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion import CONF_DIR, register
-from diffusion.config import LOADER_KEYS, build
-from diffusion.data.datasets import InfiniteLoader
+from diffusion.data.datasets import InfiniteLoader, build_dataset
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.runtime.distributed import DistEnv, all_gather_object, cleanup_distributed, init_distributed
 from diffusion.sample import SamplingError, check_complete, load_model, sampling_hardware
@@ -76,8 +75,7 @@ def _dataset(cfg: DictConfig, model: torch.nn.Module):
         raise SamplingError(
             f"data.image_size={data.image_size} but the model takes {model.image_size} px images: drop the override"
         )
-    fields = {k: data[k] for k in data if k not in LOADER_KEYS and k != "image_size"}
-    dataset = build(fields, image_size=model.image_size, channels=model.in_channels)
+    dataset = build_dataset(data, latent=False, image_size=model.image_size, channels=model.in_channels)
     if model.num_classes and not dataset.num_classes:
         raise SamplingError("the model is class-conditional but the data has no labels: choose labelled data")
     return dataset

@@ -20,42 +20,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from diffusion import CONF_DIR, register
-from diffusion.config import LOADER_KEYS, build
+from diffusion.config import build
+from diffusion.data.datasets import SeededItems
 from diffusion.data.images import to_uint8
 from diffusion.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-class SeededItems(Dataset):
-    """Items ``indices`` of a dataset, each augmented by its own generator seeded with (seed, index): the same
-    crops in every run and whatever the number of workers."""
-
-    def __init__(self, dataset, indices: np.ndarray, seed: int) -> None:
-        self.dataset, self.indices, self.seed = dataset, indices, seed
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = int(self.indices[i])
-        if hasattr(self.dataset, "load"):
-            return self.dataset.load(index, np.random.default_rng([self.seed, index]))
-        return self.dataset[index]
-
-
 def reference_dataset(data: DictConfig):
     """The ``data`` group's dataset as the reference reads it: the training crop, no flips."""
-    fields = {k: v for k, v in data.items() if k not in LOADER_KEYS}
-    if "random_flip" in fields:
-        fields["random_flip"] = False  # a reference holds the real images; mirrors would be extra ones
-    return build(fields)
+    from diffusion.data.datasets import build_dataset
+
+    return build_dataset(data, latent=False, no_flips=True)  # a reference holds the real images, not mirrors
 
 
 def choose_images(count: int, num_images: int, seed: int) -> np.ndarray:
@@ -107,7 +89,7 @@ def write_reference(cfg: DictConfig) -> Path:
     dataset = reference_dataset(cfg.data)
     indices = choose_images(len(dataset), cfg.num_images, cfg.seed)
     loader = DataLoader(
-        SeededItems(dataset, indices, cfg.seed),
+        SeededItems(dataset, (cfg.seed,), indices),
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
         pin_memory=hw.device.type == "cuda",

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from diffusion import CONF_DIR
 from diffusion.config import build
+from diffusion.config.build import check_complete as check_complete_config
 from diffusion.data.images import save_grid, to_uint8
 from diffusion.engine import checkpoint as ckpt
 from diffusion.errors import UserError
@@ -222,25 +223,9 @@ def latent_decoder(vae_cfg: DictConfig | None, model: torch.nn.Module, device: t
     return vae
 
 
-def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
-    # OmegaConf.missing_keys resolves interpolations, and data.image_size points at a model that a project
-    # checkpoint only supplies later; this walk reads no interpolation.
-    found = []
-    for key in node:
-        if OmegaConf.is_missing(node, key):
-            found.append(f"{prefix}{key}")
-        elif not OmegaConf.is_interpolation(node, key) and OmegaConf.is_dict(node[key]):
-            found += _missing_keys(node[key], f"{prefix}{key}.")
-    return found
-
-
 def check_complete(cfg: DictConfig) -> None:
     """SamplingError naming the first required value (``???`` in the config) that was not given."""
-    missing = sorted(_missing_keys(cfg))
-    if missing:
-        raise SamplingError(
-            f"missing required value {missing[0]}: set it on the command line, e.g. {missing[0]}=..."
-        )
+    check_complete_config(cfg, SamplingError)
 
 
 def check_request(cfg: DictConfig) -> None:

@@ -148,3 +148,33 @@ def run_solver(solver, model, process, x_T, noise=None, cond_fn=None, model_kwar
         classifier_form=solver.classifier_form,
     )
     return solver(denoiser, x_T, extra_args=model_kwargs, noise=noise, callback=callback)
+
+
+# --- tiers -------------------------------------------------------------------------------------------------------
+# unit: one module or function, no training run, no subprocess (make test-fast runs these, in under 3 minutes);
+# integration: the engine, the commands and the tasks end to end on tiny models; system: a real SLURM cluster, W&B's
+# files, several processes, the README's commands. make test (CI) runs all three.
+SYSTEM_FILES = {
+    "test_slurm",
+    "test_wandb_run",
+    "test_distributed",
+    "test_readme",
+    "test_optuna_sweep",
+    "test_crash",
+}
+INTEGRATION_FILES = {
+    "test_training", "test_sampling", "test_dit_runs", "test_dit_platform", "test_classifier_training",
+    "test_super_res", "test_guided_sampling", "test_nll", "test_sample_quality", "test_cli", "test_bench",
+    "test_eval_bench", "test_reference", "test_latent", "test_cluster", "test_report", "test_pinned",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SYSTEM_FILES or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.system)
+        elif module in INTEGRATION_FILES or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)

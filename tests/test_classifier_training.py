@@ -122,7 +122,7 @@ def test_the_digits_split_is_the_judges_held_out_quarter():
     # Stratified: a quarter of each class (44 to 46 digits).
     assert (torch.bincount(val.targets) - torch.bincount(Digits().targets) / 4).abs().max() < 1
     assert Digits().held_out() is None and Digits(split="val").held_out() is None
-    with pytest.raises(UserError, match="split must be one of 'all', 'train', 'val', got 'test'"):
+    with pytest.raises(UserError, match="data.split='test': must be one of 'all', 'train', 'val'"):
         Digits(split="test")
 
 

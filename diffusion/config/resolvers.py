@@ -44,6 +44,7 @@ def follow_model(*, _root_: Any) -> int:
     sees latents: DiT-XL/2's input_size 32 with Stable Diffusion's VAE is 256 px images). The factor is read from
     the VAE's config.json, offline. A model of neither kind, or none, needs an explicit data.image_size.
     """
+    from diffusion.config.build import missing_value_error
     from diffusion.errors import ConfigError
 
     model = _root_.get("model")
@@ -59,9 +60,7 @@ def follow_model(*, _root_: Any) -> int:
             "input_size: set data.image_size"
         )
     if OmegaConf.is_missing(model, key):
-        raise ConfigError(
-            f"missing required value model.{key}: set it on the command line, e.g. model.{key}=64"
-        )
+        raise missing_value_error(f"model.{key}", example="64")
     side = model[key]
     data = _root_.get("data")
     if data is not None and data.get("latent"):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion.errors import ConfigError, UserError
+from diffusion.errors import ConfigError, UserError, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,6 @@ def _check_image_size(image_size: int) -> None:
 def _check_channels(channels: int) -> None:
     if channels not in (1, 3):
         raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def _resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -92,7 +87,7 @@ def digits_split(split: str) -> np.ndarray:
 
     :return: a sorted int64 array of indices.
     """
-    _check_choice("split", split, DIGITS_SPLITS)
+    check_choice("data.split", split, DIGITS_SPLITS)
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -386,8 +381,8 @@ class ImageFolder(Dataset):
     ) -> None:
         _check_image_size(image_size)
         _check_channels(channels)
-        _check_choice("labels", labels, LABEL_MODES)
-        _check_choice("on_error", on_error, ON_ERROR_MODES)
+        check_choice("data.labels", labels, LABEL_MODES)
+        check_choice("data.on_error", on_error, ON_ERROR_MODES)
         self.root = os.path.abspath(os.path.expanduser(str(dir)))
         self.image_size = image_size
         self.channels = channels
@@ -610,20 +605,31 @@ class CIFAR10(Dataset):
 # The loader
 
 
-class _SeededItems(Dataset):
-    """Items keyed by (epoch, index); augmentation draws from a generator seeded by (seed, epoch, index),
-    so an item does not depend on which worker loads it, or when."""
+class SeededItems(Dataset):
+    """Items of a dataset, each augmented (crop, flip) by its own generator seeded with (*seed, [epoch,] index):
+    an item is the same whichever worker loads it, or when, and in every run.
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
+    :param seed: the leading keys of every item's generator, e.g. (run seed,); () for (index,) alone.
+    :param indices: the dataset indices to serve, in order (None: all of them); item i is ``indices[i]``.
 
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
+    An item is asked for by position ``i`` or by ``(epoch, i)`` (the training loader's keys). A dataset without
+    ``load(index, rng)`` is served as it is (its own augmentation, if any, is not controlled).
+    """
+
+    def __init__(self, dataset: Dataset, seed: tuple[int, ...] = (), indices=None) -> None:
+        self.dataset, self.seed = dataset, tuple(int(s) for s in seed)
+        self.indices = None if indices is None else [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        *epoch, i = key if isinstance(key, tuple) else (key,)
+        index = int(i) if self.indices is None else self.indices[int(i)]
         load = getattr(self.dataset, "load", None)
         if load is None:
-            return self.dataset[index]  # a plain dataset: its own augmentation, if any, is not controlled
-        return load(index, np.random.default_rng([self.seed, epoch, index]))
+            return self.dataset[index]
+        return load(index, np.random.default_rng([*self.seed, *epoch, index]))
 
 
 class InfiniteLoader:
@@ -702,7 +708,7 @@ class InfiniteLoader:
         """Yield (x, y) batches forever, from the position in ``state_dict()``: x an [N x C x H x W] float
         Tensor, y an [N] int64 Tensor. Only one iterator should be live at a time: they share the position."""
         loader = DataLoader(
-            _SeededItems(self.dataset, self.seed),
+            SeededItems(self.dataset, (self.seed,)),
             batch_sampler=self._batches(self._epoch, self._batch),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -729,3 +735,37 @@ class InfiniteLoader:
                 f"loader state must have epoch >= 0 and batch in [0, {self.batches_per_epoch}), got {state}"
             )
         self._epoch, self._batch = epoch, batch
+
+
+def build_dataset(
+    data_cfg,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    vae=None,
+    latent: bool | None = None,
+    no_flips: bool = False,
+    **fields,
+):
+    """
+    The dataset of the ``data`` group (its loader keys left out): the one way every command builds it.
+
+    :param cache_dir: where an image folder keeps its scan cache (ignored by classes that take none).
+    :param vae: the ``vae`` group's config (or a VAE), for ``data.latent``.
+    :param latent: the latents under the VAE (default: ``data.latent``); False: the images themselves.
+    :param no_flips: turn random flips off (a reference batch holds the real images, not mirrors).
+    :param fields: constructor values that replace the group's (e.g. a checkpoint's image_size and channels).
+    """
+    from diffusion.config import LOADER_KEYS, build
+
+    config = {k: v for k, v in data_cfg.items() if k not in LOADER_KEYS}
+    config.update(fields)
+    if no_flips and "random_flip" in config:
+        config["random_flip"] = False
+    if cache_dir is not None and str(config.get("_target_", "")).endswith("ImageFolder"):
+        config["cache_dir"] = str(cache_dir)
+    dataset = build(config)
+    if not (data_cfg.get("latent") if latent is None else latent):
+        return dataset
+    from diffusion.data.latent import latent_training_data
+
+    return latent_training_data(dataset, vae, data_cfg.latent_cache)

@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
+# guided-diffusion's conversion of samples, which truncates (it does not round); every image here is made so.
+UINT8_FROM_FLOATS = "((x + 1) * 127.5).clip(0, 255).astype(np.uint8)"
+
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[N x C x H x W] floats in [-1, 1] -> uint8 [N x H x W x C], as the reference converts samples."""

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from diffusion.data.datasets import SeededItems
 from diffusion.models.vae import LatentError, LatentVAE
 from diffusion.runtime.files import fsync_path
 
@@ -156,22 +157,6 @@ def _unaugmented(dataset: Dataset) -> Dataset:
     return dataset
 
 
-class _Items(Dataset):
-    """Items of a data set read through ``load(index, rng)`` with a fixed generator, for the encoding pass."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        load = getattr(self.dataset, "load", None)
-        if load is None:
-            return self.dataset[index]
-        return load(index, np.random.default_rng(index))
-
-
 def _write_cache(
     dataset: Dataset,
     vae: LatentVAE,
@@ -188,7 +173,7 @@ def _write_cache(
     mean = np.lib.format.open_memmap(tmp / "mean.npy", mode="w+", dtype=storage_dtype, shape=shape)
     std = np.lib.format.open_memmap(tmp / "std.npy", mode="w+", dtype=storage_dtype, shape=shape)
     labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.int64, shape=(n,))
-    loader = DataLoader(_Items(_unaugmented(dataset)), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(SeededItems(_unaugmented(dataset)), batch_size=batch_size, num_workers=num_workers)
     done = 0
     for x, y in loader:
         expected = (vae.image_channels, meta["image_size"], meta["image_size"])

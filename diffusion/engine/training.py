@@ -27,8 +27,9 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from diffusion.config import LOADER_KEYS, build
-from diffusion.data.datasets import InfiniteLoader
+from diffusion.config import build
+from diffusion.config.build import check_complete, missing_keys
+from diffusion.data.datasets import InfiniteLoader, build_dataset
 from diffusion.data.images import save_grid, to_uint8
 from diffusion.engine import checkpoint as ckpt
 from diffusion.engine.loggers import LossTracker
@@ -528,21 +529,6 @@ class TrainState:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def build_dataset(data_cfg: DictConfig, cache_dir: Path | None = None, vae: DictConfig | None = None):
-    """The dataset of the ``data`` group (its loader keys left out); ``cache_dir`` where the class takes one.
-    With ``data.latent`` its latents under the ``vae`` group's VAE (diffusion/latent.py)."""
-    fields = {k: v for k, v in data_cfg.items() if k not in LOADER_KEYS}
-    if cache_dir is not None and "_target_" in fields and fields["_target_"].endswith("ImageFolder"):
-        dataset = build(fields, cache_dir=str(cache_dir))
-    else:
-        dataset = build(fields)
-    if not data_cfg.get("latent"):
-        return dataset
-    from diffusion.data.latent import latent_training_data
-
-    return latent_training_data(dataset, vae, data_cfg.latent_cache)
-
-
 def build_task(cfg: DictConfig) -> Task:
     """The ``task`` group's task, with the run's diffusion process, timestep sampler and grid solver."""
     diffusion = build(cfg.diffusion)
@@ -622,16 +608,12 @@ def _install_preemption_guard():
 
 def validate_config(cfg: DictConfig) -> None:
     """Reject values that types alone cannot catch, before any work; each message names the key."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if "data.dir" in missing:
+    if "data.dir" in missing_keys(cfg):
         raise TrainingError(
             "missing required value data.dir: point it at a folder of images (data.dir=/data/imagenet), or "
             "train on the built-in digits with experiment=digits"
         )
-    if missing:
-        raise TrainingError(
-            f"missing required value {missing[0]}: set it on the command line, e.g. {missing[0]}=..."
-        )
+    check_complete(cfg, TrainingError)
     checks = [
         (cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr}: must be > 0"),
         (cfg.data.batch_size > 0, f"data.batch_size={cfg.data.batch_size}: must be > 0"),

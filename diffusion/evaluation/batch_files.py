@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from diffusion.data.images import UINT8_FROM_FLOATS
 from diffusion.errors import UserError
 from diffusion.evaluation.metrics import FeatureStatistics, feature_statistics
 
@@ -141,8 +142,8 @@ def open_batch(path: str | Path, role: str = "sample batch", min_images: int = M
     shape, _, dtype = header
     if dtype != np.uint8:
         raise BatchFileError(
-            f"{where}: arr_0 has dtype {dtype}; store uint8 images in 0..255 (from [-1, 1] floats: "
-            f"((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8))"
+            f"{where}: arr_0 has dtype {dtype}; store uint8 images in 0..255 (from [-1, 1] floats as the "
+            f"reference converts them: {UINT8_FROM_FLOATS})"
         )
     if len(shape) == 3:
         raise BatchFileError(

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from diffusion import errors
 from diffusion.errors import ConfigError
 
 KEY_PREFIX = "diffusion."
@@ -41,10 +42,8 @@ def check_float(key: str, value: object, *, positive: bool = False, nonneg: bool
 
 
 def check_choice(key: str, value: object, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else a ValueError naming ``key`` and the choices."""
-    if not isinstance(value, str) or value not in choices:
-        raise config_error(key, value, f"must be one of {', '.join(choices)}")
-    return value
+    """``value`` if it is one of ``choices``, else a ConfigError naming ``diffusion.<key>`` and the choices."""
+    return errors.check_choice(f"{KEY_PREFIX}{key}", value, choices)
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffusion.errors import ConfigError
+from diffusion.errors import ConfigError, check_choice
 from diffusion.process.denoiser import Denoiser, Prediction, append_dims, sigma_tensor
 from diffusion.process.formulation import Formulation
 from diffusion.process.weighting import min_snr_weights
@@ -237,8 +237,8 @@ class GaussianDiffusion(Formulation):
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
     ):
-        _check_choice("model_mean_type", model_mean_type, MEAN_TYPES)
-        _check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
+        check_choice("diffusion.model_mean_type", model_mean_type, MEAN_TYPES)
+        check_choice("diffusion.loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
         if not min_snr_gamma > 0:
             raise ConfigError(f"diffusion.min_snr_gamma={min_snr_gamma}: must be > 0 (the paper's is 5)")
         if loss_weighting == "min_snr" and loss_type not in ("mse", "rescaled_mse"):
@@ -246,8 +246,8 @@ class GaussianDiffusion(Formulation):
                 f"diffusion.loss_weighting=min_snr weights the MSE term; loss_type={loss_type} has none: use "
                 "loss_type=mse"
             )
-        _check_choice("model_var_type", model_var_type, VAR_TYPES)
-        _check_choice("loss_type", loss_type, LOSS_TYPES)
+        check_choice("diffusion.model_var_type", model_var_type, VAR_TYPES)
+        check_choice("diffusion.loss_type", loss_type, LOSS_TYPES)
         self._settings = dict(
             steps=steps,
             noise_schedule=noise_schedule,
@@ -927,11 +927,6 @@ def _is_respaced(timestep_respacing: object) -> bool:
     return not (
         timestep_respacing is None or (isinstance(timestep_respacing, str) and not timestep_respacing)
     )
-
-
-def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def _check_positive_int(name: str, value: object) -> None:
