@@ -166,13 +166,14 @@ INTEGRATION_FILES = {
     "test_training", "test_sampling", "test_dit_runs", "test_dit_platform", "test_classifier_training",
     "test_super_res", "test_guided_sampling", "test_nll", "test_sample_quality", "test_cli", "test_bench",
     "test_eval_bench", "test_reference", "test_latent", "test_cluster", "test_report", "test_pinned",
+    "test_evaluate", "test_guided_models", "test_dit_bench", "test_architecture",
 }  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
-        if module in SYSTEM_FILES or item.get_closest_marker("slurm"):
+        if module in SYSTEM_FILES or item.get_closest_marker("slurm") or "wandb" in item.name:
             item.add_marker(pytest.mark.system)
         elif module in INTEGRATION_FILES or item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.integration)

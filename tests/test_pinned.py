@@ -25,3 +25,25 @@ def test_guidance_changes_the_pinned_images(now):
         plain = now[f"{solver}/plain"]
         assert (now[f"{solver}/cfg"] - plain).abs().max() > 1e-3
         assert (now[f"{solver}/classifier"] - plain).abs().max() > 1e-3
+
+
+def test_the_old_checkpoint_resumes(tmp_path):
+    """A run directory whose checkpoint was written before the move continues from its step."""
+    import os
+    import shutil
+
+    from diffusion.engine.training import train
+
+    from conftest import load_ckpt, tiny_cfg
+
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    shutil.copy(CHECKPOINT, ckpt_dir / "step_00000002.pt")
+    os.symlink("step_00000002.pt", ckpt_dir / "latest.pt")
+    overrides = ("model.num_res_blocks=1", "model.channel_mult=[1,1]", "model.label_dropout=0.1")
+    train(tiny_cfg("max_steps=3", "num_grid_samples=1", "solver.steps=2", *overrides), tmp_path)
+    state = load_ckpt(ckpt_dir / "latest.pt")
+    old = load_ckpt(CHECKPOINT)
+    assert state["step"] == 3 and old["step"] == 2
+    # one more optimizer step moved the weights from the old checkpoint's
+    assert any(not torch.equal(state["model"][k], old["model"][k]) for k in old["model"])

@@ -9,6 +9,7 @@ import torch
 from test_gaussian_diffusion import REF, rel_err, stand_in
 
 from diffusion.data.images import to_uint8
+from diffusion.models.protocol import Network
 from diffusion.models.unet import UNetModel
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.sampling.generate import generate
@@ -288,8 +289,10 @@ def test_bad_solver_arguments(make, message):
 # --- classifier-free guidance ------------------------------------------------------------------------------------
 
 
-class LabelledNet(torch.nn.Module):
+class LabelledNet(torch.nn.Module, Network):
     """Output depends on x, t and the label in a known way; records the batch of every call."""
+
+    role, guidance_styles, label_dropout_key = "denoiser", ("all",), "model.label_dropout"
 
     def __init__(self, learn_sigma=True, null_class=10):
         super().__init__()
