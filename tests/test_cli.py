@@ -67,12 +67,13 @@ def test_a_bug_keeps_its_traceback(tmp_path):
     assert "buggy.py" in proc.stdout  # the frame that raised it is shown
 
 
-def test_compose_and_instantiate_from_python_after_import_diffusion(tmp_path):
-    """What a notebook does: no registration calls by hand (a fresh interpreter, not this test session)."""
+def test_compose_and_instantiate_from_python_after_diffusion_register(tmp_path):
+    """What a notebook does: one line of setup, diffusion.register() (a fresh interpreter, not this session)."""
     code = (
         "import diffusion, torch\n"
         "from hydra import compose, initialize_config_dir\n"
         "from hydra.utils import instantiate\n"
+        "diffusion.register()\n"
         "with initialize_config_dir(str(diffusion.CONF_DIR), version_base='1.3'):\n"
         "    cfg = compose('train', overrides=['model=unet_64'])\n"
         "with torch.device('meta'):\n"
