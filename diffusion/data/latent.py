@@ -1,8 +1,5 @@
-"""Latent space: Stable Diffusion's VAE (DiT's scaling), and a latent cache on disk that training reads back.
-
-DiT trains on ``vae.encode(x).latent_dist.sample() * 0.18215`` and decodes samples with ``vae.decode(z /
-0.18215)``. :func:`load_vae` opens the VAE with diffusers' ``AutoencoderKL`` offline (a local directory or the
-user's Hugging Face cache; nothing is downloaded). :class:`LatentVAE` encodes and decodes with that scaling.
+"""Training on latents: a latent cache on disk that training reads back, or latents encoded on the fly by the VAE
+of diffusion/models/vae.py.
 
 A latent cache encodes a data set once. It stores each image's posterior -- the mean and standard deviation of
 the VAE's diagonal Gaussian, unscaled -- not one sample of it: :class:`LatentDataset` draws

@@ -1,25 +1,9 @@
-"""Latent space: Stable Diffusion's VAE (DiT's scaling), and a latent cache on disk that training reads back.
+"""Stable Diffusion's VAE with DiT's scaling, opened offline.
 
 DiT trains on ``vae.encode(x).latent_dist.sample() * 0.18215`` and decodes samples with ``vae.decode(z /
 0.18215)``. :func:`load_vae` opens the VAE with diffusers' ``AutoencoderKL`` offline (a local directory or the
-user's Hugging Face cache; nothing is downloaded). :class:`LatentVAE` encodes and decodes with that scaling.
-
-A latent cache encodes a data set once. It stores each image's posterior -- the mean and standard deviation of
-the VAE's diagonal Gaussian, unscaled -- not one sample of it: :class:`LatentDataset` draws
-``(mean + std * noise) * 0.18215`` per item with the loader's (seed, epoch, index) generator, so every epoch sees a
-fresh latent sample exactly as DiT's on-the-fly encoding does, and a resumed run sees the same ones. With
-``sample=False`` it returns the posterior mean instead (deterministic; for evaluation or inspection).
-
-Flips: a VAE is not mirror-equivariant (encoding the mirrored image is not the mirrored latent), so a cache made
-with ``flips=True`` encodes each image twice, as is and mirrored left-right, and the dataset picks one of the two
-with probability 1/2 per item; a cache made with ``flips=False`` holds unflipped latents only and cannot flip.
-Random crops cannot be cached (one crop would be frozen); DiT uses the center crop.
-
-The cache is a directory (``meta.json``, ``mean.npy``, ``std.npy``, ``labels.npy``), memory-mapped by readers,
-so several ranks share one copy. It is written aside and renamed into place, so a reader sees either no cache or a
-complete one. ``meta.json`` identifies the VAE (name and a fingerprint of its config and weights), the image size
-and the data set (class, root, class names, length, a digest of its content); a cache that differs in any of them
-is refused with one line (or rebuilt on request), never reused.
+user's Hugging Face cache; nothing is downloaded). :class:`LatentVAE` encodes and decodes with that scaling. The
+latent cache that training reads back is diffusion/data/latent.py.
 """
 
 from __future__ import annotations
