@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffusion import CONF_DIR
@@ -187,7 +187,9 @@ def class_labels(
     """The class of every requested image, a LongTensor [num_samples]: ``classes`` cycled, or all classes in
     turn; None for an unconditional model without a classifier (with one, the classes are the classifier's).
     Also checks that ``guidance_scale`` suits the model."""
-    check_guidance(model, cfg.guidance_scale, cfg.get("guidance_style", "all"))
+    check_guidance(
+        model, cfg.guidance_scale, cfg.get("guidance_style", "all"), autoguidance=cfg.get("guide") is not None
+    )
     num_classes, whose = model.num_classes, "the model's"
     if not num_classes and classifier is not None:
         num_classes, whose = classifier.num_classes, "the classifier's"
@@ -255,9 +257,46 @@ def sampling_hardware(hardware: DictConfig, trained_channels_last: bool | None, 
     return build(hardware, local_rank=local_rank, **layout)
 
 
+def load_guide(cfg: DictConfig, model: torch.nn.Module, diffusion) -> tuple[torch.nn.Module | None, object]:
+    """The autoguidance model of ``guide=CHECKPOINT`` and its formulation, (None, None) without one; checked
+    against the guided model and the guidance settings (the interval against the model's noise levels), so
+    that a bad request ends with one line before any sampling."""
+    interval = cfg.get("guidance_interval")
+    denoiser = diffusion.denoiser(model)
+    check_guidance(
+        model,
+        cfg.guidance_scale,
+        cfg.get("guidance_style", "all"),
+        None if interval is None else list(interval),
+        cfg.get("guidance_rescale", 0.0),
+        autoguidance=cfg.get("guide") is not None,
+        sigma_range=(denoiser.sigma_min, denoiser.sigma_max),
+    )
+    if cfg.get("guide") is None:
+        return None, None
+    guide, guide_diffusion, _ = load_model(OmegaConf.merge(cfg, {"checkpoint": cfg.guide}))
+    for what, ours, theirs in [
+        ("image size", model.image_size, guide.image_size),
+        ("channels", model.in_channels, guide.in_channels),
+        ("classes", model.num_classes, guide.num_classes),
+    ]:
+        if ours != theirs:
+            raise SamplingError(
+                f"guide={cfg.guide} does not fit checkpoint={cfg.checkpoint}: its {what} is {theirs}, the model's "
+                f"{ours}; guide with a model of the same data (an earlier checkpoint of the run, or a smaller model)"
+            )
+    if type(guide_diffusion) is not type(diffusion):
+        raise SamplingError(
+            f"guide={cfg.guide} was trained with diffusion={guide_diffusion.name}, checkpoint={cfg.checkpoint} with "
+            f"diffusion={diffusion.name}: guide with a model of the same formulation"
+        )
+    return guide, guide_diffusion
+
+
 def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
     check_request(cfg)
     model, diffusion, info = load_model(cfg)
+    guide, guide_diffusion = load_guide(cfg, model, diffusion)
     hw = sampling_hardware(cfg.hardware, info["channels_last"], env.local_rank)
     classifier = load_classifier(cfg, model)
     base = read_base_samples(cfg, model)
@@ -270,6 +309,9 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
         solver = unclipped(solver)
         log.info("latent model: samples are decoded by the VAE %s", vae.name)
     model = hw.prepare_model(model)
+    if guide is not None:
+        guide = hw.prepare_model(guide)
+        log.info("autoguidance by %s, weight %g", cfg.guide, cfg.guidance_scale)
     if classifier is not None:
         classifier = hw.prepare_model(classifier)
         log.info("classifier guidance: %s, scale %g", cfg.classifier, cfg.classifier_scale)
@@ -278,7 +320,16 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
     start = time.perf_counter()
     mine = list(range(env.rank, cfg.num_samples, env.world_size))
     low_res = None if base is None else base[0]
-    shard = _generate_shard(cfg, model, diffusion, solver, labels, mine, hw, env, classifier, low_res, vae)
+    guidance = {
+        "guidance_style": cfg.get("guidance_style", "all"),
+        "guidance_interval": None if cfg.get("guidance_interval") is None else tuple(cfg.guidance_interval),
+        "guidance_rescale": cfg.get("guidance_rescale", 0.0),
+        "guide": guide,
+        "guide_formulation": guide_diffusion,
+    }
+    shard = _generate_shard(
+        cfg, model, diffusion, solver, labels, mine, hw, env, classifier, low_res, vae, guidance
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     np.save(run_dir / f".shard_{env.rank}.npy", shard)
     barrier()
@@ -301,7 +352,18 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
 
 
 def _generate_shard(
-    cfg, model, diffusion, solver, labels, mine, hw, env, classifier=None, low_res=None, vae=None
+    cfg,
+    model,
+    diffusion,
+    solver,
+    labels,
+    mine,
+    hw,
+    env,
+    classifier=None,
+    low_res=None,
+    vae=None,
+    guidance=None,
 ) -> np.ndarray:
     """This rank's images, uint8 [len(mine) x H x W x C], in batches of ``cfg.batch_size``; ``classifier``
     guides towards ``labels``, ``low_res`` ([num_samples x C x h x w]) is a super-resolution model's input, and
@@ -321,7 +383,7 @@ def _generate_shard(
             model, diffusion, solver, idx, cfg.seed, hw.device, y if model.num_classes else None,
             cfg.guidance_scale, autocast=hw.autocast(), cond_fn=cond_fn,
             model_kwargs=None if low_res is None else {"low_res": low_res[idx].to(hw.device)},
-            guidance_style=cfg.get("guidance_style", "all"),
+            **(guidance or {}),
         )  # fmt: skip
         if vae is not None:
             x = vae.decode(x)

@@ -187,6 +187,11 @@ class SampleConfig(CheckpointJobConfig):
     # all: guide every predicted-noise channel (solvers.guided); dit: DiT's forward_with_cfg, which guides the
     # first three only -- the rule behind DiT's published FIDs
     guidance_style: str = "all"
+    # Autoguidance: a weaker model of the same data (an earlier checkpoint of the run, or a smaller model) that
+    # guides this one as D_guide + guidance_scale * (D - D_guide), instead of the null label
+    guide: str | None = None
+    guidance_interval: list[float] | None = None  # [sigma_lo, sigma_hi]: guide only at these noise levels
+    guidance_rescale: float = 0.0  # CFG rescale's phi (Lin et al. 2023: 0.7); 0 = off
     grid_max: int = 100  # at most this many images in grid.png
     # Classifier guidance: a task=classifier run's checkpoint, or a plain state dict (OpenAI's
     # 64x64_classifier.pt...) with classifier_model naming its conf/model preset (classifier_64...)

@@ -94,6 +94,10 @@ class Denoiser:
         """The time values the network is given at respaced indices ``t`` (what a classifier sees too)."""
         raise NotImplementedError(f"{type(self).__name__} has no discrete face: use a continuous sampler")
 
+    def sigma_at(self, t: Tensor) -> Tensor:
+        """The noise levels [N] of respaced indices ``t`` (float64)."""
+        raise NotImplementedError(f"{type(self).__name__} has no discrete face: use a continuous sampler")
+
     def shift_by_score(self, prediction: Prediction, x: Tensor, t: Tensor, grad: Tensor) -> Prediction:
         """The prediction after the score correction ``grad`` (d log p / dx_t) at respaced indices ``t``."""
         raise NotImplementedError(f"{type(self).__name__} has no discrete face: use a continuous sampler")
@@ -128,6 +132,9 @@ class DenoiserWrapper(Denoiser):
 
     def network_timesteps(self, t: Tensor) -> Tensor:
         return self.inner.network_timesteps(t)
+
+    def sigma_at(self, t: Tensor) -> Tensor:
+        return self.inner.sigma_at(t)
 
     def shift_by_score(self, prediction: Prediction, x: Tensor, t: Tensor, grad: Tensor) -> Prediction:
         return self.inner.shift_by_score(prediction, x, t, grad)

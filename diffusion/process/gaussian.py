@@ -897,6 +897,9 @@ class ADMDenoiser(Denoiser):
     def network_timesteps(self, t: Tensor) -> Tensor:
         return self.process.network_timesteps(t)
 
+    def sigma_at(self, t: Tensor) -> Tensor:
+        return self.sigmas.to(t.device)[t.long()]
+
     def shift_by_score(self, prediction: Prediction, x: Tensor, t: Tensor, grad: Tensor) -> Prediction:
         """Score correction (Song et al.): eps' = eps - sqrt(1 - alpha_bar_t) * grad, x_0 and eps re-derived from
         it. x_0' is not clipped again: clipping would undo part of the guidance."""

@@ -32,6 +32,10 @@ def generate(
     cond_fn: CondFn | None = None,
     model_kwargs: dict | None = None,
     guidance_style: str = "all",
+    guidance_interval: tuple[float, float] | None = None,
+    guidance_rescale: float = 0.0,
+    guide: torch.nn.Module | None = None,
+    guide_formulation=None,
 ) -> Tensor:
     """Generate the images with the given global indices: a float [N x C x H x W] Tensor in [-1, 1].
 
@@ -50,6 +54,10 @@ def generate(
         SuperResModel.
     :param guidance_style: how guidance combines the predictions: "all" (:func:`guided`, every eps channel) or
         "dit" (:func:`dit_guided`, DiT's forward_with_cfg).
+    :param guidance_interval: (sigma_lo, sigma_hi): guide only at those noise levels; None: at every step.
+    :param guidance_rescale: CFG rescale's phi (0: off).
+    :param guide: autoguidance: a weaker model of the same data (``guidance_scale`` is then its weight, and the
+        null label is not used); ``guide_formulation``: what it was trained with (default: ``diffusion``).
     """
     indices = list(indices)
     if classes is not None and len(classes) != len(indices):
@@ -67,6 +75,10 @@ def generate(
         conditional=classes is not None,
         cond_fn=cond_fn,
         classifier_form=getattr(solver, "classifier_form", "score"),
+        guidance_interval=guidance_interval,
+        guidance_rescale=guidance_rescale,
+        guide=guide,
+        guide_formulation=guide_formulation,
     )
     noise = PerImageNoise(seed, indices, (model.in_channels, model.image_size, model.image_size), device)
     x_T = noise.draw()

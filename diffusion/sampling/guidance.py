@@ -105,7 +105,100 @@ class ClassifierGuidance(DenoiserWrapper):
         return denoised + append_dims(sigma.to(x.dtype) ** 2, x.dim()) * grad.to(x.dtype)
 
 
-def guided(model: Callable[..., Tensor], scale: float, null_class: int) -> Callable[..., Tensor]:
+class AutoGuidance(DenoiserWrapper):
+    """Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"): the model is
+    guided by a weaker version of itself -- an earlier checkpoint, or a smaller model trained on the same data --
+    as ``D = D_guide + w (D_main - D_guide)``, computed as ``lerp(D_guide, D_main, w)`` so that w = 1 is the main
+    model's estimate exactly (and the guide is then not called). Unconditional models are guided too.
+
+    :param inner: the main model's denoiser; ``guide``: the guiding model's, on the same noise levels.
+    """
+
+    def __init__(self, inner: Denoiser, guide: Denoiser, weight: float) -> None:
+        super().__init__(inner)
+        self.guide = guide
+        self.weight = float(weight)
+
+    def __call__(self, x: Tensor, sigma: Tensor, **extra_args) -> Tensor:
+        main = self.inner(x, sigma, **extra_args)
+        if self.weight == 1.0:
+            return main
+        return torch.lerp(self.guide(x, sigma, **extra_args), main, self.weight)
+
+    def predict(self, x: Tensor, t: Tensor, **extra_args) -> Prediction:
+        main = self.inner.predict(x, t, **extra_args)
+        if self.weight == 1.0:
+            return main
+        weak = self.guide.predict(x, t, **extra_args)
+        # Both estimates are linear in the output, so eps follows the same mix; the variance is the main model's.
+        return main.with_(
+            denoised=torch.lerp(weak.denoised, main.denoised, self.weight),
+            eps=torch.lerp(weak.eps, main.eps, self.weight),
+        )
+
+    def respaced(self, timesteps: list[int]) -> Denoiser:
+        return AutoGuidance(self.inner.respaced(timesteps), self.guide.respaced(timesteps), self.weight)
+
+
+class GuidanceInterval(DenoiserWrapper):
+    """Guidance only at noise levels in [sigma_lo, sigma_hi] (Kynkäänniemi et al. 2024, "Applying Guidance in a
+    Limited Interval Improves Sample and Distribution Quality"): the guided denoiser inside the interval, the
+    plain (conditional) one outside it. An interval that covers every level is the guided denoiser exactly.
+
+    :param inner: the guided denoiser (classifier-free guidance or autoguidance).
+    :param plain: the unguided denoiser of the same network.
+    """
+
+    def __init__(self, inner: Denoiser, plain: Denoiser, sigma_lo: float, sigma_hi: float) -> None:
+        super().__init__(inner)
+        self.plain = plain
+        self.sigma_lo, self.sigma_hi = float(sigma_lo), float(sigma_hi)
+
+    def _inside(self, sigma: Tensor) -> Tensor:
+        return (sigma >= self.sigma_lo) & (sigma <= self.sigma_hi)
+
+    def _either(self, inside: Tensor, guided: Callable[[], object], plain: Callable[[], object]):
+        if bool(inside.all()):
+            return guided()
+        if not bool(inside.any()):
+            return plain()
+        return None  # some images of the batch inside, some outside: both are needed
+
+    def __call__(self, x: Tensor, sigma: Tensor, **extra_args) -> Tensor:
+        sigma = sigma_tensor(sigma, x)
+        inside = self._inside(sigma)
+        one = self._either(
+            inside, lambda: self.inner(x, sigma, **extra_args), lambda: self.plain(x, sigma, **extra_args)
+        )
+        if one is not None:
+            return one
+        mask = append_dims(inside, x.dim())
+        return torch.where(mask, self.inner(x, sigma, **extra_args), self.plain(x, sigma, **extra_args))
+
+    def predict(self, x: Tensor, t: Tensor, **extra_args) -> Prediction:
+        inside = self._inside(self.inner.sigma_at(t).to(x.device))
+        one = self._either(
+            inside,
+            lambda: self.inner.predict(x, t, **extra_args),
+            lambda: self.plain.predict(x, t, **extra_args),
+        )
+        if one is not None:
+            return one
+        a, b = self.inner.predict(x, t, **extra_args), self.plain.predict(x, t, **extra_args)
+        mask = append_dims(inside, x.dim())
+        return a.with_(
+            denoised=torch.where(mask, a.denoised, b.denoised), eps=torch.where(mask, a.eps, b.eps)
+        )
+
+    def respaced(self, timesteps: list[int]) -> Denoiser:
+        return GuidanceInterval(
+            self.inner.respaced(timesteps), self.plain.respaced(timesteps), self.sigma_lo, self.sigma_hi
+        )
+
+
+def guided(
+    model: Callable[..., Tensor], scale: float, null_class: int, rescale: float = 0.0
+) -> Callable[..., Tensor]:
     """Classifier-free guidance in one batched forward pass.
 
     Returns a function with the network's signature that runs the conditional and the null-label halves as one
@@ -113,8 +206,14 @@ def guided(model: Callable[..., Tensor], scale: float, null_class: int) -> Calla
     learned-variance channels are taken from the conditional half. The combination is affine (weights 1 - scale
     and scale), so mixing the raw outputs gives the same x0 and eps whether the network predicts epsilon, x0 or v.
 
+    With ``rescale`` = phi > 0, CFG rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps
+    are Flawed", eq. 15-16): the guided output is scaled to the conditional one's standard deviation per image,
+    ``rescaled = guided * std(cond) / std(guided)``, and mixed back, ``phi * rescaled + (1 - phi) * guided``
+    (computed on the network's own prediction, as diffusers computes it on the noise prediction).
+
     :param scale: the guidance weight; 1 returns the conditional prediction, 0 the unconditional one.
     :param null_class: the label index the model was trained with for "no label".
+    :param rescale: phi in [0, 1]; 0 is plain classifier-free guidance.
     """
 
     def forward(x: Tensor, t: Tensor, y: Tensor | None = None, **kwargs) -> Tensor:
@@ -127,6 +226,10 @@ def guided(model: Callable[..., Tensor], scale: float, null_class: int) -> Calla
         cond, uncond = out.chunk(2)  # each (N, C or 2C, H, W)
         c = x.shape[1]
         mixed = torch.lerp(uncond[:, :c], cond[:, :c], scale)
+        if rescale:
+            dims = tuple(range(1, mixed.dim()))
+            ratio = cond[:, :c].std(dim=dims, keepdim=True) / mixed.std(dim=dims, keepdim=True)
+            mixed = torch.lerp(mixed, mixed * ratio, rescale)
         return torch.cat([mixed, cond[:, c:]], dim=1)
 
     return forward
@@ -157,19 +260,43 @@ GUIDANCE_STYLES: dict[str, Callable[[Callable[..., Tensor], float, int], Callabl
 }
 
 
-def check_guidance(model: torch.nn.Module, guidance_scale: float, guidance_style: str = "all") -> None:
-    """ValueError unless ``guidance_scale`` (and ``guidance_style``) is usable with ``model`` (1 = off always
-    is)."""
+def check_guidance(
+    model: torch.nn.Module,
+    guidance_scale: float,
+    guidance_style: str = "all",
+    guidance_interval=None,
+    guidance_rescale: float = 0.0,
+    autoguidance: bool = False,
+    sigma_range: tuple[float, float] | None = None,
+) -> None:
+    """ConfigError unless the guidance settings are usable with ``model`` (1 = off always is).
+
+    :param autoguidance: ``guidance_scale`` weighs a guide model (any model, conditional or not) rather than
+        the null label.
+    :param sigma_range: the model's trained noise levels, (sigma_min, sigma_max), to check the interval against.
+    """
     if guidance_scale < 0:
         raise ConfigError(f"guidance_scale={guidance_scale}: must be >= 0 (1 = off, 0 = unconditional)")
     if guidance_style not in GUIDANCE_STYLES:
         raise ConfigError(f"guidance_style={guidance_style!r}: use one of {list(GUIDANCE_STYLES)}")
-    if guidance_scale == 1.0:
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ConfigError(
+            f"guidance_rescale={guidance_rescale}: must be in [0, 1] (0 = off; Lin et al. use 0.7)"
+        )
+    if guidance_interval is not None:
+        check_interval(guidance_interval, sigma_range)
+    if guidance_rescale and (autoguidance or guidance_style != "all"):
+        raise ConfigError(
+            "guidance_rescale applies to classifier-free guidance with guidance_style=all: drop "
+            f"guidance_rescale={guidance_rescale} or the {'guide' if autoguidance else 'guidance_style'} setting"
+        )
+    if guidance_scale == 1.0 or autoguidance:
         return
     if not model.num_classes:
         raise ConfigError(
             f"guidance_scale={guidance_scale} needs a class-conditional model trained with "
-            f"{model.label_dropout_key} > 0; this model is unconditional: use guidance_scale=1"
+            f"{model.label_dropout_key} > 0; this model is unconditional: use guidance_scale=1 (or guide it with a "
+            "weaker model: guide=CHECKPOINT)"
         )
     if model.null_class is None:
         raise ConfigError(
@@ -183,6 +310,25 @@ def check_guidance(model: torch.nn.Module, guidance_scale: float, guidance_style
         )
 
 
+def check_interval(interval, sigma_range: tuple[float, float] | None = None) -> tuple[float, float]:
+    """``guidance_interval`` as (sigma_lo, sigma_hi), or a one-line ConfigError: two levels, increasing, that
+    meet the model's trained range [sigma_min, sigma_max] when it is known."""
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"guidance_interval={interval}: give two noise levels [sigma_lo, sigma_hi], e.g. [0.3, 5.0]"
+        ) from None
+    if not 0 <= lo < hi:
+        raise ConfigError(f"guidance_interval=[{lo}, {hi}]: needs 0 <= sigma_lo < sigma_hi")
+    if sigma_range is not None and (hi < sigma_range[0] or lo > sigma_range[1]):
+        raise ConfigError(
+            f"guidance_interval=[{lo}, {hi}] lies outside the model's noise levels [{sigma_range[0]:.4g}, "
+            f"{sigma_range[1]:.4g}]: no step would be guided"
+        )
+    return lo, hi
+
+
 def guided_denoiser(
     model: nn.Module,
     formulation,
@@ -193,18 +339,46 @@ def guided_denoiser(
     conditional: bool = True,
     cond_fn: CondFn | None = None,
     classifier_form: str = "score",
+    guidance_interval: tuple[float, float] | None = None,
+    guidance_rescale: float = 0.0,
+    guide: nn.Module | None = None,
+    guide_formulation=None,
 ) -> Denoiser:
-    """The denoiser a sampler runs on: the network with classifier-free guidance (when ``guidance_scale`` != 1 and
-    the images are ``conditional``), as the formulation's denoiser, with classifier guidance (when ``cond_fn``).
+    """The denoiser a sampler runs on, guidance composed in this one place:
+
+    1. classifier-free guidance of the network (when ``guidance_scale`` != 1 and the images are ``conditional``),
+       with CFG rescale ``guidance_rescale``; or, with a ``guide`` model, autoguidance of weight
+       ``guidance_scale`` instead (:class:`AutoGuidance`);
+    2. as the formulation's denoiser;
+    3. the guidance only inside ``guidance_interval`` = (sigma_lo, sigma_hi) (:class:`GuidanceInterval`);
+    4. classifier guidance (when ``cond_fn``).
 
     :param formulation: what the network was trained with; its ``denoiser(net, clip_denoised=...)`` is used.
     :param classifier_form: how the sampler applies classifier guidance (its solver's ``classifier_form``).
+    :param guide_formulation: what the guide was trained with (default: ``formulation``).
     """
-    check_guidance(model, guidance_scale, guidance_style)
-    net = model
-    if conditional and guidance_scale != 1.0:
-        net = GUIDANCE_STYLES[guidance_style](model, guidance_scale, model.null_class)
-    denoiser = formulation.denoiser(net, clip_denoised=clip_denoised)
+    plain = formulation.denoiser(model, clip_denoised=clip_denoised)
+    check_guidance(
+        model,
+        guidance_scale,
+        guidance_style,
+        guidance_interval,
+        guidance_rescale,
+        autoguidance=guide is not None,
+        sigma_range=(plain.sigma_min, plain.sigma_max),
+    )
+    if guide is not None:
+        weak = (guide_formulation or formulation).denoiser(guide, clip_denoised=clip_denoised)
+        denoiser = AutoGuidance(plain, weak, guidance_scale)
+    elif conditional and guidance_scale != 1.0:
+        style = GUIDANCE_STYLES[guidance_style]
+        extra = {"rescale": guidance_rescale} if guidance_rescale else {}
+        net = style(model, guidance_scale, model.null_class, **extra)
+        denoiser = formulation.denoiser(net, clip_denoised=clip_denoised)
+    else:
+        denoiser = plain
+    if guidance_interval is not None and denoiser is not plain:
+        denoiser = GuidanceInterval(denoiser, plain, *guidance_interval)
     if cond_fn is not None:
         denoiser = ClassifierGuidance(denoiser, cond_fn, classifier_form)
     return denoiser
