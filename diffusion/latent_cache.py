@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from diffusion import CONF_DIR, register
 from diffusion.config import build
-from diffusion.data.datasets import build_dataset
+from diffusion.data.build import build_dataset
 from diffusion.data.latent import LatentDataset, build_latent_cache
 from diffusion.models.vae import LatentError
 

@@ -24,7 +24,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion import CONF_DIR, register
-from diffusion.data.datasets import InfiniteLoader, build_dataset
+from diffusion.data.build import build_dataset
+from diffusion.data.datasets import InfiniteLoader
 from diffusion.process.gaussian import GaussianDiffusion
 from diffusion.runtime.distributed import DistEnv, all_gather_object, cleanup_distributed, init_distributed
 from diffusion.sample import SamplingError, check_complete, load_model, sampling_hardware

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 def reference_dataset(data: DictConfig):
     """The ``data`` group's dataset as the reference reads it: the training crop, no flips."""
-    from diffusion.data.datasets import build_dataset
+    from diffusion.data.build import build_dataset
 
     return build_dataset(data, latent=False, no_flips=True)  # a reference holds the real images, not mirrors
 

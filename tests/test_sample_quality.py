@@ -84,7 +84,7 @@ def read_wandb_history_rows(run_dir):
 
 
 def _digits(cfg):
-    from diffusion.data.datasets import build_dataset
+    from diffusion.data.build import build_dataset
 
     return build_dataset(cfg.data)
 
@@ -220,7 +220,7 @@ sys.path.insert(0, {tests!r})
 from conftest import tiny_cfg
 from diffusion.runtime.distributed import cleanup_distributed, init_distributed
 from diffusion.engine.tasks import RunContext
-from diffusion.data.datasets import build_dataset
+from diffusion.data.build import build_dataset
 from diffusion.engine.training import build_task
 from diffusion.config import build
 

@@ -735,37 +735,3 @@ class InfiniteLoader:
                 f"loader state must have epoch >= 0 and batch in [0, {self.batches_per_epoch}), got {state}"
             )
         self._epoch, self._batch = epoch, batch
-
-
-def build_dataset(
-    data_cfg,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    vae=None,
-    latent: bool | None = None,
-    no_flips: bool = False,
-    **fields,
-):
-    """
-    The dataset of the ``data`` group (its loader keys left out): the one way every command builds it.
-
-    :param cache_dir: where an image folder keeps its scan cache (ignored by classes that take none).
-    :param vae: the ``vae`` group's config (or a VAE), for ``data.latent``.
-    :param latent: the latents under the VAE (default: ``data.latent``); False: the images themselves.
-    :param no_flips: turn random flips off (a reference batch holds the real images, not mirrors).
-    :param fields: constructor values that replace the group's (e.g. a checkpoint's image_size and channels).
-    """
-    from diffusion.config import LOADER_KEYS, build
-
-    config = {k: v for k, v in data_cfg.items() if k not in LOADER_KEYS}
-    config.update(fields)
-    if no_flips and "random_flip" in config:
-        config["random_flip"] = False
-    if cache_dir is not None and str(config.get("_target_", "")).endswith("ImageFolder"):
-        config["cache_dir"] = str(cache_dir)
-    dataset = build(config)
-    if not (data_cfg.get("latent") if latent is None else latent):
-        return dataset
-    from diffusion.data.latent import latent_training_data
-
-    return latent_training_data(dataset, vae, data_cfg.latent_cache)

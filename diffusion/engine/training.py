@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from diffusion.config import build
 from diffusion.config.build import check_complete, missing_keys
-from diffusion.data.datasets import InfiniteLoader, build_dataset
+from diffusion.data.build import build_dataset
+from diffusion.data.datasets import InfiniteLoader
 from diffusion.data.images import save_grid, to_uint8
 from diffusion.engine import checkpoint as ckpt
 from diffusion.engine.loggers import LossTracker

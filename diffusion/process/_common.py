@@ -12,8 +12,8 @@ import math
 import torch
 from torch import Tensor
 
-from diffusion import errors
 from diffusion.errors import ConfigError
+from diffusion.errors import check_choice as _check_choice
 
 KEY_PREFIX = "diffusion."
 
@@ -43,7 +43,7 @@ def check_float(key: str, value: object, *, positive: bool = False, nonneg: bool
 
 def check_choice(key: str, value: object, choices: tuple[str, ...]) -> str:
     """``value`` if it is one of ``choices``, else a ConfigError naming ``diffusion.<key>`` and the choices."""
-    return errors.check_choice(f"{KEY_PREFIX}{key}", value, choices)
+    return _check_choice(f"{KEY_PREFIX}{key}", value, choices)
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
