@@ -179,6 +179,9 @@ class CheckpointJobConfig:
     seed: int = 0
     use_ema: bool = True
     ema_rate: float | None = None  # which EMA; default the first of the checkpoint's rates
+    # post-hoc EMA: reconstruct the EMA of this sigma_rel from the run's snapshots (optim.ema_snapshot_every);
+    # checkpoint= is then the run directory (its last snapshot) or a checkpoint file of it (that step)
+    ema_std: float | None = None
 
 
 @dataclass
