@@ -141,10 +141,10 @@ def main() -> None:
     for std in args.stds:
         fids = [next(r["fid"] for r in results["posthoc"] if r["ema_std"] == std and r["guidance_scale"] == s)
                 for s in args.scales]  # fmt: skip
-        print(f"| {std:g} | " + " | ".join(f"{f:.2f}" for f in fids) + " |")
+        print(f"| {std:g} | " + " | ".join(f"{f:.4f}" for f in fids) + " |")
     for r in results["constant_rate"][:1]:
         fids = [c["fid"] for c in results["constant_rate"]]
-        print(f"| tracked rate {r['ema_rate']:g} | " + " | ".join(f"{f:.2f}" for f in fids) + " |")
+        print(f"| tracked rate {r['ema_rate']:g} | " + " | ".join(f"{f:.4f}" for f in fids) + " |")
     print(f"judge: samples of sigma_rel {args.check_std} recognised as their class, of 100: {check}")
     print(f"wrote {out / 'results.json'} and {args.plot}")
 
