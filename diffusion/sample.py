@@ -69,7 +69,7 @@ def matching_presets(state_dict: dict) -> list[str]:
 
 def _read_checkpoint(cfg: DictConfig) -> tuple[DictConfig, DictConfig, dict, dict]:
     """(model config, diffusion config, weights, info) from a project checkpoint or a plain state dict."""
-    state = ckpt.load_file(cfg.checkpoint)
+    state = _posthoc_checkpoint(cfg) if cfg.get("ema_std") is not None else ckpt.load_file(cfg.checkpoint)
     if "format_version" not in state:
         if cfg.model is None or cfg.diffusion is None:
             raise SamplingError(
@@ -94,6 +94,33 @@ def _read_checkpoint(cfg: DictConfig) -> tuple[DictConfig, DictConfig, dict, dic
         "vae": _checkpoint_vae(cfg, run_cfg),
     }
     return ckpt.stored_config(state["model_config"]), run_cfg.diffusion, weights, info
+
+
+def _posthoc_checkpoint(cfg: DictConfig) -> dict:
+    """``ema_std=``: the checkpoint with the post-hoc EMA of that sigma_rel, reconstructed from the run's
+    snapshots in memory (as ``python -m diffusion.phema`` writes it)."""
+    from diffusion.engine.phema import posthoc_checkpoint
+
+    if not cfg.use_ema or cfg.ema_rate is not None:
+        raise SamplingError(
+            f"ema_std={cfg.ema_std} reconstructs an EMA from the run's snapshots: drop "
+            f"{'use_ema=false' if not cfg.use_ema else f'ema_rate={cfg.ema_rate}'}"
+        )
+    if not Path(cfg.checkpoint).exists():
+        raise SamplingError(
+            f"checkpoint={cfg.checkpoint}: no such run directory or file (with ema_std: a run directory, or "
+            "one of its checkpoints/step_*.pt)"
+        )
+    obj = posthoc_checkpoint(cfg.checkpoint, cfg.ema_std)
+    info = obj["posthoc_ema"]
+    log.info(
+        "post-hoc EMA sigma_rel %g at step %d from %d snapshots (profile error %.2f%%)",
+        info["ema_std"],
+        info["step"],
+        len(info["snapshot_steps"]),
+        100 * info["profile_error"],
+    )
+    return obj
 
 
 def _checkpoint_vae(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig | None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import diffusion.engine.phema as phema
+from diffusion.engine.checkpoint import CheckpointError
 from diffusion.engine.phema import (
     MAX_STD,
     PowerFunctionEMA,
@@ -182,15 +183,15 @@ def test_reconstruct_at_an_earlier_step_uses_the_snapshot_at_or_before_it(walk_r
     torch.testing.assert_close(_vec(state), _vec(snap["emas"][1]), rtol=1e-4, atol=1e-4)
 
 
-def test_cli_writes_the_reconstruction(walk_run, tmp_path, capsys):
+def test_cli_needs_the_runs_checkpoint(walk_run, tmp_path, capsys):
+    """The CLI writes a project checkpoint (tests/test_phema_training.py), which takes the run's config from
+    its checkpoints: snapshots alone are refused in one line, and nothing is written."""
     run_dir, _, _ = walk_run
     out = tmp_path / "ema.pt"
-    assert main([str(run_dir), "ema_std=0.07", "step=1500", f"out={out}"]) == 0
-    saved = torch.load(out, weights_only=True)
-    state, info = reconstruct(run_dir, 0.07, step=1500)
-    assert saved["phema"] == info and saved["phema"]["step"] == 1500
-    assert all(torch.equal(saved["model"][k], state[k]) for k in state)
-    assert "wrote" in capsys.readouterr().out
+    assert main([str(run_dir), "ema_std=0.07", "step=1500", f"out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "has no checkpoints/latest.pt" in err and err.count("\n") == 1
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -325,7 +326,7 @@ def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(phema.torch, "save", dies_halfway)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full"):  # the checkpoints' own atomic write
         save_snapshot(tmp_path, 200, ema)
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "phema").iterdir()) == ["snapshot-00000100.pt"]

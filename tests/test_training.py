@@ -56,7 +56,8 @@ def test_training_writes_run_directory(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["uniform", "loss_second_moment"])
 def test_resume_is_exact(tmp_path, sampler):
-    """2N steps in one go == N steps, stop, resume for N: bit-identical model, EMA, optimizer, sampler."""
+    """2N steps in one go == N steps, stop, resume for N: bit-identical model, EMAs (constant-rate and
+    power-function), optimizer, sampler, and post-hoc EMA snapshots."""
     over = [
         f"sampler={sampler}",
         "diffusion.noise_schedule=cosine",
@@ -64,14 +65,35 @@ def test_resume_is_exact(tmp_path, sampler):
         "model.dropout=0.1",
         "model.label_dropout=0.2",
         "optim.ema_rates=[0.9,0.99]",
+        "optim.ema_stds=[0.05,0.1]",
+        "optim.ema_snapshot_every=3",
     ]
     train(tiny_cfg(*over, "max_steps=16"), tmp_path / "straight")
     train(tiny_cfg(*over, "max_steps=8"), tmp_path / "resumed")
     train(tiny_cfg(*over, "max_steps=16"), tmp_path / "resumed")  # resume=auto finds step 8
     a = load_ckpt(tmp_path / "straight/checkpoints/latest.pt")
     b = load_ckpt(tmp_path / "resumed/checkpoints/latest.pt")
-    for key in ("model", "ema", "optimizer", "scheduler", "scaler", "sampler", "data", "rng", "step"):
+    for key in (
+        "model",
+        "ema",
+        "phema",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "sampler",
+        "data",
+        "rng",
+        "step",
+    ):
         assert_state_equal(a[key], b[key], key)
+    snaps = [p.name for p in sorted((tmp_path / "straight/phema").glob("snapshot-*.pt"))]
+    assert [int(n[9:17]) for n in snaps] == [3, 6, 9, 12, 15, 16]  # every 3 steps and the last step
+    resumed = [p.name for p in sorted((tmp_path / "resumed/phema").glob("snapshot-*.pt"))]
+    assert resumed == sorted([*snaps, "snapshot-00000008.pt"])  # plus the first part's last step
+    for name in snaps:
+        assert_state_equal(
+            load_ckpt(tmp_path / "straight/phema" / name), load_ckpt(tmp_path / "resumed/phema" / name), name
+        )
     if (
         sampler == "loss_second_moment"
     ):  # 8 timesteps x 10 losses fill within the run: importance phase reached

@@ -122,6 +122,10 @@ class OptimConfig:
     weight_decay: float = 0.0
     ema_rates: list[float] = field(default_factory=lambda: [0.9999])
     ema_warmup: bool = True  # decay = min(rate, (1 + step) / (10 + step))
+    # Post-hoc EMA (EDM2): power-function EMAs tracked by sigma_rel, e.g. [0.05, 0.10]; [] = off. With them,
+    # ema_rates may be [] (sampling then uses the first of these, or a reconstruction: docs/phema.md)
+    ema_stds: list[float] = field(default_factory=list)
+    ema_snapshot_every: int = 0  # write RUN_DIR/phema/snapshot-<step>.pt every this many steps; 0 = off
     warmup_steps: int = 0
     lr_anneal_steps: int = 0  # linear decay to 0 over this many steps; training ends there (0 = constant lr)
     grad_clip: float = 0.0  # max global grad norm; 0 = off
@@ -175,6 +179,9 @@ class CheckpointJobConfig:
     seed: int = 0
     use_ema: bool = True
     ema_rate: float | None = None  # which EMA; default the first of the checkpoint's rates
+    # post-hoc EMA: reconstruct the EMA of this sigma_rel from the run's snapshots (optim.ema_snapshot_every);
+    # checkpoint= is then the run directory (its last snapshot) or a checkpoint file of it (that step)
+    ema_std: float | None = None
 
 
 @dataclass

@@ -199,14 +199,32 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def model_weights(obj: dict, use_ema: bool = True, ema_rate: float | None = None) -> dict:
-    """The network's state dict from a project checkpoint (an EMA by default) or a plain state dict."""
+    """The network's state dict from a project checkpoint (an EMA by default) or a plain state dict.
+
+    The EMA is the first constant-rate one (or ``ema_rate``'s); a run with ``optim.ema_rates=[]`` gives its
+    first power-function EMA (``optim.ema_stds``); a post-hoc EMA checkpoint (``python -m diffusion.phema``)
+    holds only the reconstructed weights, as ``model``.
+    """
     if "format_version" not in obj:
         return obj
+    posthoc = obj.get("posthoc_ema")
+    if posthoc is not None and (ema_rate is not None or not use_ema):
+        raise CheckpointError(
+            f"this checkpoint holds only the post-hoc EMA of sigma_rel {posthoc['ema_std']}: drop "
+            f"{'ema_rate' if ema_rate is not None else 'use_ema=false'} (the run's own checkpoints have the rest)"
+        )
     if use_ema and obj.get("ema"):
         key = str(ema_rate) if ema_rate is not None else next(iter(obj["ema"]))
         if key not in obj["ema"]:
             raise CheckpointError(f"no EMA with rate {ema_rate}; the checkpoint has {sorted(obj['ema'])}")
         return obj["ema"][key]
+    if use_ema and obj.get("phema"):
+        if ema_rate is not None:
+            raise CheckpointError(
+                f"no EMA with rate {ema_rate}: the run tracked power-function EMAs of sigma_rel "
+                f"{obj['phema']['stds']} only; drop ema_rate (the first of those), or reconstruct one with ema_std="
+            )
+        return obj["phema"]["emas"][0]
     return obj["model"]
 
 
@@ -228,6 +246,15 @@ def describe_mismatch(model: torch.nn.Module, state_dict: dict, limit: int = 5) 
             + ", ".join(f"{k}: model {ours[k]} vs file {theirs[k]}" for k in shapes[:limit])
         )
     return "; ".join(lines)
+
+
+def describe_mismatch_keys(ours: dict, theirs: dict, limit: int = 5) -> str:
+    """The first keys in which two state dicts differ."""
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    parts = [f"missing {', '.join(missing[:limit])}" if missing else ""]
+    parts.append(f"unexpected {', '.join(unexpected[:limit])}" if unexpected else "")
+    return "; ".join(p for p in parts if p)
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, source: str) -> None:

@@ -104,6 +104,21 @@ class SampleGrids(Periodic):
         self.write()
 
 
+class EMASnapshots(Periodic):
+    """Snapshots of the power-function EMAs (EDM2's post-hoc EMA) every ``ema_snapshot_every`` steps and at the
+    end, written atomically by rank 0 (engine/phema.py); never, when the period is 0."""
+
+    def __init__(self, every: int, write: Callable[[], None]) -> None:
+        super().__init__(every)
+        self.write = write
+
+    def due(self, step: int, done: bool) -> bool:
+        return self.every > 0 and super().due(step, done)
+
+    def __call__(self, step: int, out) -> None:
+        self.write()
+
+
 class Evaluation(Periodic):
     """The task's evaluation of the first EMA every ``eval_every`` steps and at the end (every rank takes part);
     logged, added to ``results``, and ``best.pt`` written when it improves on the objective."""

@@ -22,17 +22,17 @@ weights in the dtype the model trains in, nothing else.
 from __future__ import annotations
 
 import copy
-import errno
 import math
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from scipy.optimize import brentq
+
+from diffusion.engine.checkpoint import atomic_save
 
 SNAPSHOT_DIR = "phema"
 SNAPSHOT_FORMAT = 1
@@ -229,42 +229,6 @@ class PowerFunctionEMA:
 # Snapshot files.
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` so that ``path`` is the old file or the complete new one, never a part.
-
-    Temp file in the same directory (same file system, so the rename is atomic), fsync, ``os.replace``, fsync
-    of the directory so the rename survives a crash. On any failure the temp file is removed and the error
-    raised.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_path(path.parent)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise OSError(
-                e.errno, f"disk full while writing {path}; older files are intact, free space"
-            ) from e
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _is_writer() -> bool:
     """Only rank 0 writes under DDP; every rank holds the same EMA weights."""
     dist = torch.distributed
@@ -289,7 +253,7 @@ def save_snapshot(run_dir: str | os.PathLike, step: int, ema: PowerFunctionEMA) 
     out_dir = Path(run_dir) / SNAPSHOT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"snapshot-{step:08d}.pt"
-    atomic_torch_save(ema.snapshot(), path)
+    atomic_save(ema.snapshot(), path)
     return path
 
 
@@ -388,15 +352,71 @@ def reconstruct(run_dir: str | os.PathLike, ema_std: float, step: int | None = N
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Command line: python -m diffusion.phema RUN_DIR ema_std=0.07 [step=N] [out=PATH]
+# Command line: python -m diffusion.phema RUN_DIR ema_std=0.07 [step=N] [out=PATH]. It writes a checkpoint
+# that sample.py takes; to sweep ema_std without writing files, sample.py reconstructs on the fly:
+# python sample.py -m checkpoint=RUN_DIR ema_std=0.05,0.07,0.10
 
 
-def write_reconstruction(path: str | os.PathLike, state_dict: dict, info: dict) -> None:
-    """The file format of a reconstructed EMA, in one place: ``{"model": state_dict, "phema": info}``."""
-    atomic_torch_save({"model": state_dict, "phema": info}, path)
+CHECKPOINT_KEY = "posthoc_ema"  # where a reconstructed checkpoint records how it was made
 
 
-USAGE = "usage: python -m diffusion.phema RUN_DIR ema_std=0.07 [step=N] [out=PATH]"
+def posthoc_checkpoint(source: str | os.PathLike, ema_std: float, step: int | None = None) -> dict:
+    """A project checkpoint whose weights are the post-hoc EMA of sigma_rel ``ema_std``.
+
+    ``source``: a run directory (the EMA at its last snapshot, or at ``step``) or one of its checkpoint files
+    (``RUN/checkpoints/step_*.pt`` or ``latest.pt``: the EMA at that checkpoint's step unless ``step`` is given).
+    The run's config, model_config and class_names come from that checkpoint; the reconstructed weights are
+    ``model`` with no constant-rate EMAs beside them, so ``model_weights(obj, use_ema=True)`` returns them and
+    ``sample.py`` / ``nll`` read the file like any other. ``obj["posthoc_ema"]`` holds ``reconstruct``'s info
+    (sigma_rel, step, snapshot steps, coefficients, profile error). Raises CheckpointError (one line) for a
+    source that is not a run or has no snapshots, and for an ema_std or step the snapshots cannot give.
+    """
+    from diffusion.engine import checkpoint as ckpt
+
+    source = Path(source)
+    if source.is_dir():
+        run_dir, base_path = source, source / "checkpoints" / ckpt.LATEST
+        if not base_path.exists():
+            raise ckpt.CheckpointError(
+                f"{source} has no checkpoints/{ckpt.LATEST}: pass the directory of a training run "
+                "(hydra.run.dir) or one of its checkpoint files"
+            )
+    else:
+        # RUN/checkpoints/latest.pt is a link to RUN/checkpoints/step_*.pt: the run is two levels up.
+        run_dir, base_path = source.resolve().parent.parent, source
+    base = ckpt.load_checkpoint(base_path)
+    if step is None and not source.is_dir():
+        step = int(base["step"])
+    try:
+        state, info = reconstruct(run_dir, ema_std, step)
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"ema_std={ema_std} from {run_dir}: {e}") from None
+    if set(state) != set(base["model"]):
+        raise ckpt.CheckpointError(
+            f"the snapshots in {run_dir / SNAPSHOT_DIR} do not fit the network of {base_path}: "
+            f"{ckpt.describe_mismatch_keys(base['model'], state)}; keep one run's snapshots in its directory"
+        )
+    return {
+        "format_version": base["format_version"],
+        "step": info["step"],
+        "model": state,
+        "ema": {},
+        "config": base["config"],
+        "model_config": base["model_config"],
+        "class_names": base.get("class_names", []),
+        CHECKPOINT_KEY: info,
+    }
+
+
+def write_reconstruction(path: str | os.PathLike, obj: dict) -> None:
+    """Write a checkpoint of :func:`posthoc_checkpoint` atomically."""
+    atomic_save(obj, path)
+
+
+USAGE = (
+    "usage: python -m diffusion.phema RUN_DIR ema_std=0.07 [step=N] [out=PATH] "
+    "(RUN_DIR: a run directory or one of its checkpoint files)"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,12 +438,13 @@ def main(argv: list[str] | None = None) -> int:
             step = int(opts["step"]) if "step" in opts else None
         except ValueError as e:
             raise ValueError(f"ema_std must be a number and step an integer ({e}); {USAGE}") from None
-        state, info = reconstruct(run_dir, ema_std, step)
+        obj = posthoc_checkpoint(run_dir, ema_std, step)
+        info = obj[CHECKPOINT_KEY]
         out = opts.get("out") or str(
             Path(run_dir) / SNAPSHOT_DIR / f"phema-{info['step']:08d}-{ema_std:.3f}.pt"
         )
-        write_reconstruction(out, state, info)
-    except ValueError as e:
+        write_reconstruction(out, obj)
+    except ValueError as e:  # UserError (CheckpointError) included
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(

@@ -34,7 +34,8 @@ from diffusion.data.datasets import InfiniteLoader
 from diffusion.data.images import save_grid, to_uint8
 from diffusion.engine import checkpoint as ckpt
 from diffusion.engine.loggers import LossTracker
-from diffusion.engine.periodic import Checkpointing, Evaluation, LogMetrics, SampleGrids
+from diffusion.engine.periodic import Checkpointing, EMASnapshots, Evaluation, LogMetrics, SampleGrids
+from diffusion.engine.phema import MAX_STD, PowerFunctionEMA, save_snapshot
 from diffusion.engine.tasks import RunContext, Task
 from diffusion.errors import ConfigError, UserError
 from diffusion.runtime.distributed import (
@@ -120,7 +121,7 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
         # DDP broadcasts rank 0's parameters to every rank when it is built; fresh EMAs start from them.
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         if resume_path is None:
-            for ema in state.ema.values():
+            for ema in state.all_emas:
                 ema.load_state_dict(model.state_dict())
     net = torch.compile(ddp or model) if hw.compile else (ddp or model)
 
@@ -170,6 +171,15 @@ def _train(cfg: DictConfig, run_dir: Path, env: DistEnv, name: str, group: str |
                 cfg.eval_every, task, state, run, logger, metrics, lambda: state.save_best(ckpt_dir, env)
             ),
         ]
+        if (
+            state.phema is not None
+        ):  # post-hoc EMA snapshots, first: a resumed run continues from the checkpoint
+            jobs.insert(
+                0,
+                EMASnapshots(
+                    cfg.optim.ema_snapshot_every, lambda: save_snapshot(run_dir, state.step, state.phema)
+                ),
+            )
         model.train()
         while state.step < total_steps:
             x, y = next(batches)
@@ -299,6 +309,8 @@ def train_step(
     grad_norm = optimizer_step(state.model, state.optimizer, state.scaler, plan.max_norm)
     state.scheduler.step()
     update_ema(state.ema, state.model, state.step, plan.ema_warmup)  # a skipped step leaves params finite
+    if state.phema is not None:
+        state.phema.update(state.model, state.step + 1)  # steps taken, this one included
     state.step += 1
     return StepOutput(grad_norm, {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, t)
 
@@ -397,6 +409,7 @@ class TrainState:
     best: dict = field(default_factory=dict)  # {"key", "value", "step"} of the best evaluation so far
     # Trainable modules of the formulation besides the network (EDM2's loss weighting): optimised and saved too.
     extra: list[torch.nn.Module] = field(default_factory=list)
+    phema: PowerFunctionEMA | None = None  # power-function EMAs by sigma_rel (optim.ema_stds)
 
     @classmethod
     def create(
@@ -421,11 +434,18 @@ class TrainState:
             loader,
             **info,
             extra=extra,
+            phema=PowerFunctionEMA(model, cfg.optim.ema_stds) if cfg.optim.ema_stds else None,
         )
 
     @property
     def first_ema(self) -> torch.nn.Module:
-        return next(iter(self.ema.values()))
+        """What grids and evaluations sample: the first constant-rate EMA, else the first power EMA."""
+        return next(iter(self.all_emas))
+
+    @property
+    def all_emas(self) -> list[torch.nn.Module]:
+        """Every EMA copy: the constant-rate ones, then the power-function ones."""
+        return [*self.ema.values(), *(self.phema.emas if self.phema is not None else [])]
 
     def save(self, ckpt_dir: Path, env: DistEnv, keep_last: int = 2, milestone_every: int = 0) -> None:
         """Gather every rank's RNG state and write one checkpoint from rank 0; all ranks wait for it."""
@@ -484,6 +504,7 @@ class TrainState:
                 "class_names": self.class_names,
                 "best": self.best,
                 "formulation": [m.state_dict() for m in self.extra],
+                **({"phema": self.phema.state_dict()} if self.phema is not None else {}),
             }
         return None
 
@@ -498,6 +519,16 @@ class TrainState:
             ema.load_state_dict(state["ema"][str(rate)])
         for module, saved in zip(self.extra, state.get("formulation") or []):
             module.load_state_dict(saved)
+        if self.phema is not None:
+            if "phema" not in state:
+                raise TrainingError(
+                    f"{path} has no power-function EMAs but optim.ema_stds={list(self.phema.stds)}: resume "
+                    "without optim.ema_stds, or start a new run (resume=never)"
+                )
+            try:
+                self.phema.load_state_dict(state["phema"])
+            except ValueError as e:
+                raise TrainingError(f"{path}: {e}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -521,7 +552,7 @@ class TrainState:
         """Start from the (EMA) weights of another run's checkpoint or of a plain state dict (OpenAI's files)."""
         weights = ckpt.model_weights(ckpt.load_file(source), use_ema=True)
         ckpt.load_weights(self.model, weights, f"init_from={source}")
-        for ema in self.ema.values():
+        for ema in self.all_emas:
             ema.load_state_dict(self.model.state_dict())
 
 
@@ -630,7 +661,24 @@ def validate_config(cfg: DictConfig) -> None:
         (cfg.sample_every >= 0, f"sample_every={cfg.sample_every}: must be >= 0 (0 = only at the end)"),
         (cfg.eval_every >= 0, f"eval_every={cfg.eval_every}: must be >= 0 (0 = only at the end)"),
         (cfg.keep_last >= 1, f"keep_last={cfg.keep_last}: must be >= 1"),
-        (len(cfg.optim.ema_rates) > 0, "optim.ema_rates is empty: give at least one rate, e.g. [0.9999]"),
+        (
+            len(cfg.optim.ema_rates) > 0 or len(cfg.optim.ema_stds) > 0,
+            "optim.ema_rates is empty: give at least one rate, e.g. [0.9999], or track power-function EMAs "
+            "with optim.ema_stds=[0.05,0.10]",
+        ),
+        (
+            cfg.optim.ema_snapshot_every >= 0,
+            f"optim.ema_snapshot_every={cfg.optim.ema_snapshot_every}: must be >= 0 (0 = no snapshots)",
+        ),
+        (
+            not cfg.optim.ema_snapshot_every or len(cfg.optim.ema_stds) > 0,
+            f"optim.ema_snapshot_every={cfg.optim.ema_snapshot_every} without optim.ema_stds: snapshots are of "
+            "power-function EMAs, add e.g. optim.ema_stds=[0.05,0.10]",
+        ),
+        (
+            len(set(cfg.optim.ema_stds)) == len(cfg.optim.ema_stds),
+            f"optim.ema_stds={list(cfg.optim.ema_stds)} repeats a value: list each sigma_rel once",
+        ),
         (
             cfg.optim.max_nonfinite_steps > 0,
             f"optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps}: must be > 0",
@@ -639,6 +687,13 @@ def validate_config(cfg: DictConfig) -> None:
     checks += [
         (0 < r < 1, f"optim.ema_rates contains {r}: every rate must be in (0, 1)")
         for r in cfg.optim.ema_rates
+    ]
+    checks += [
+        (
+            0 < s < MAX_STD,
+            f"optim.ema_stds contains {s}: every sigma_rel must be in (0, {MAX_STD:.4f}), e.g. 0.05-0.15",
+        )
+        for s in cfg.optim.ema_stds
     ]
     for ok, message in checks:
         if not ok:
