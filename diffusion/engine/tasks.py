@@ -58,6 +58,9 @@ class Task:
     :param sampler: draws the timestep of every training example.
     """
 
+    # Whether the task makes images (grids, evaluation) with the run's solver.
+    generates = True
+
     def __init__(self, diffusion: GaussianDiffusion, sampler: ScheduleSampler) -> None:
         self.diffusion = diffusion
         self.sampler = sampler
@@ -263,6 +266,8 @@ class ClassifierTask(Task):
     :param val_batch_size: images per forward pass of the validation, on each rank.
     :param solver: not used: a classifier makes no images (every task is built with the run's solver).
     """
+
+    generates = False
 
     def __init__(
         self,

@@ -576,12 +576,13 @@ def build_task(cfg: DictConfig) -> Task:
     if diffusion.discrete and "steps" in cfg.solver:
         steps = min(steps, diffusion.num_timesteps)  # capped, so that short test processes can sample
     solver = build(cfg.solver, steps=steps)
-    if getattr(solver, "discrete", False) and not diffusion.discrete:
+    task = build(cfg.task, diffusion=diffusion, sampler=sampler, solver=solver)
+    if task.generates and getattr(solver, "discrete", False) and not diffusion.discrete:
         raise ConfigError(
             f"solver={type(solver).__name__} steps through ADM's discrete timesteps; diffusion={diffusion.name} "
             "has none: use a continuous sampler, e.g. solver=heun (or solver=euler, solver=dpmpp_2m)"
         )
-    return build(cfg.task, diffusion=diffusion, sampler=sampler, solver=solver)
+    return task
 
 
 def make_ema(model: torch.nn.Module, rates) -> dict[float, torch.nn.Module]:
