@@ -67,6 +67,7 @@ def generate(
         conditional=classes is not None,
         cond_fn=cond_fn,
         classifier_form=getattr(solver, "classifier_form", "score"),
+        quantize=getattr(solver, "quantize", None),
     )
     noise = PerImageNoise(seed, indices, (model.in_channels, model.image_size, model.image_size), device)
     x_T = noise.draw()

@@ -193,18 +193,22 @@ def guided_denoiser(
     conditional: bool = True,
     cond_fn: CondFn | None = None,
     classifier_form: str = "score",
+    quantize: bool | None = None,
 ) -> Denoiser:
     """The denoiser a sampler runs on: the network with classifier-free guidance (when ``guidance_scale`` != 1 and
     the images are ``conditional``), as the formulation's denoiser, with classifier guidance (when ``cond_fn``).
 
     :param formulation: what the network was trained with; its ``denoiser(net, clip_denoised=...)`` is used.
     :param classifier_form: how the sampler applies classifier guidance (its solver's ``classifier_form``).
+    :param quantize: the continuous face's sigma -> timestep (a continuous solver's ``quantize``: the nearest
+        trained step, or interpolated); None keeps the formulation's default.
     """
     check_guidance(model, guidance_scale, guidance_style)
     net = model
     if conditional and guidance_scale != 1.0:
         net = GUIDANCE_STYLES[guidance_style](model, guidance_scale, model.null_class)
-    denoiser = formulation.denoiser(net, clip_denoised=clip_denoised)
+    options = {} if quantize is None else {"quantize": quantize}
+    denoiser = formulation.denoiser(net, clip_denoised=clip_denoised, **options)
     if cond_fn is not None:
         denoiser = ClassifierGuidance(denoiser, cond_fn, classifier_form)
     return denoiser
