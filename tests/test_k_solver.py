@@ -327,3 +327,20 @@ def test_a_sweep_over_samplers_and_steps(base_model, tmp_path):  # noqa: F811
             seen.append((str(npz["solver"]), int(npz["network_evaluations"]), str(npz["solver_options"])))
     assert sorted(s[:2] for s in seen) == [("dpmpp_2m", 2), ("dpmpp_2m", 3), ("heun", 3), ("heun", 5)]
     assert all('"schedule": "karras"' in s[2] for s in seen)
+
+
+def test_clip_denoised_clamps_the_estimates_and_latents_drop_it(dit, process):
+    from diffusion.sampling.solvers import unclipped
+
+    seen = {}
+    for clip in (False, True):
+        solver = KSampler("dpmpp_2m", 4, clip_denoised=clip)
+        estimates = []
+        with torch.no_grad():
+            generate(dit, process, solver, range(2), 0, CPU, torch.tensor([1, 2]), guidance_scale=3.0,
+                     callback=lambda k, x, denoised, e=estimates: e.append(denoised.abs().max()))  # fmt: skip
+        seen[clip] = max(estimates)
+    assert seen[True] <= 1 < seen[False]
+    solver = KSampler("heun", 3, clip_denoised=True)
+    assert unclipped(solver).clip_denoised is False and solver.clip_denoised is True
+    assert solver.describe()["options"]["clip_denoised"] is True

@@ -11,8 +11,9 @@ and runs on the denoiser's continuous face ``D(x, sigma)``:
   schedule) the two differ by 2e-5 relative, and keeping k-diffusion's start makes the samplers interchangeable.
 - stochastic samplers draw their noise from the per-image generators (``noise.draw()``, see noise.py), so an
   image does not depend on the batch size or the ranks; without ``noise`` they refuse to start.
-- x0 estimates are never clamped (``clip_denoised`` is False) and learned-variance channels are ignored (the
-  denoiser drops them); classifier guidance reaches them in the score form (the denoiser's continuous face).
+- x0 estimates are not clamped unless ``clip_denoised`` (k-diffusion never clamps) and learned-variance channels
+  are ignored (the denoiser drops them); classifier guidance reaches them in the score form (the denoiser's
+  continuous face).
 """
 
 from __future__ import annotations
@@ -60,10 +61,12 @@ class KSampler:
     :param s_noise: the scale of the added noise; None: 1.
     :param order: lms's order; None: 4.
     :param solver_type: dpmpp_2m_sde's second-order step, ``midpoint`` or ``heun``; None: midpoint.
+    :param clip_denoised: clamp the denoiser's x0 estimates to [-1, 1], as ADM's own solvers do. Off by
+        default, as in k-diffusion; pixel models trained briefly gain from it (docs/samplers.md), latents never
+        get it (sample.py and the tasks unclip latent models' solvers).
     """
 
     classifier_form = "score"
-    clip_denoised = False
 
     def __init__(
         self,
@@ -81,6 +84,7 @@ class KSampler:
         s_noise: float | None = None,
         order: int | None = None,
         solver_type: str | None = None,
+        clip_denoised: bool = False,
     ) -> None:
         if sampler not in k_samplers.SAMPLERS:
             raise ConfigError(f"solver.sampler={sampler!r}: use one of {sorted(k_samplers.SAMPLERS)}")
@@ -122,6 +126,7 @@ class KSampler:
         self.sigma_max = sigma_max
         self.rho = rho
         self.quantize = quantize
+        self.clip_denoised = clip_denoised
 
     @property
     def name(self) -> str:
@@ -140,6 +145,7 @@ class KSampler:
     def describe(self) -> dict:
         """What the samples were made with: the solver's name, its options and its network evaluations."""
         options = {"steps": self.steps, "schedule": self.schedule, "quantize": self.quantize}
+        options |= {"clip_denoised": True} if self.clip_denoised else {}
         options |= {k: v for k, v in (("sigma_min", self.sigma_min), ("sigma_max", self.sigma_max)) if v}
         options |= ({"rho": self.rho} if self.rho is not None else {}) | self.options
         return {"solver": self.sampler, "options": options, "network_evaluations": self.network_evaluations}
