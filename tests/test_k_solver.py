@@ -344,3 +344,22 @@ def test_clip_denoised_clamps_the_estimates_and_latents_drop_it(dit, process):
     solver = KSampler("heun", 3, clip_denoised=True)
     assert unclipped(solver).clip_denoised is False and solver.clip_denoised is True
     assert solver.describe()["options"]["clip_denoised"] is True
+
+
+def test_training_grids_and_evaluation_use_a_continuous_sampler(tmp_path, monkeypatch):
+    from diffusion.engine.training import train
+
+    from conftest import tiny_cfg
+
+    calls, call = [], KSampler.__call__
+    monkeypatch.setattr(
+        KSampler, "__call__", lambda self, *a, **k: calls.append(self.sampler) or call(self, *a, **k)
+    )
+    cfg = tiny_cfg("max_steps=2", "sample_every=2", "num_grid_samples=2", "solver=dpmpp_2m_sde", "solver.steps=3",
+                   "eval=digits", "eval.num_samples=20", "eval.batch_size=20")  # fmt: skip
+    train(cfg, tmp_path)
+    assert (tmp_path / "samples" / "step_00000002.png").exists()
+    assert calls == ["dpmpp_2m_sde", "dpmpp_2m_sde"]  # the grid's batch, then the evaluation's
+    with pytest.raises(ConfigError, match="leave the model's trained range"):
+        train(tiny_cfg("max_steps=1", "solver=heun", "solver.sigma_max=1e4"), tmp_path / "bad")
+    assert not (tmp_path / "bad" / "checkpoints").exists()

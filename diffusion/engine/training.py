@@ -43,6 +43,7 @@ from diffusion.runtime.distributed import (
     quiet_non_main,
     replicas_identical,
 )
+from diffusion.sampling.k_solver import KSampler
 
 log = logging.getLogger(__name__)
 
@@ -548,6 +549,10 @@ def build_task(cfg: DictConfig) -> Task:
     sampler = build(cfg.sampler, num_timesteps=diffusion.num_timesteps)
     # Capped at the process's length, so that short test processes can sample.
     solver = build(cfg.solver, steps=min(cfg.solver.steps, diffusion.num_timesteps))
+    if isinstance(solver, KSampler):
+        # A continuous sampler's schedule against the trained range: refused now, not at the first grid. (The
+        # discrete solvers keep their behaviour: their step counts are checked when they first sample.)
+        solver.check(diffusion)
     return build(cfg.task, diffusion=diffusion, sampler=sampler, solver=solver)
 
 
