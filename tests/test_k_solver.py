@@ -363,3 +363,15 @@ def test_training_grids_and_evaluation_use_a_continuous_sampler(tmp_path, monkey
     with pytest.raises(ConfigError, match="leave the model's trained range"):
         train(tiny_cfg("max_steps=1", "solver=heun", "solver.sigma_max=1e4"), tmp_path / "bad")
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_the_quality_benchmark_gives_each_sampler_its_budget():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sampler_quality import cells, steps_for
+
+    assert [steps_for("heun", n) for n in (5, 10, 20, 35, 50)] == [3, 5, 10, 18, 25]  # 5, 9, 19, 35, 49 NFE
+    assert [steps_for("dpmpp_2m", n) for n in (5, 10)] == [5, 10]
+    names = [(name, solver.network_evaluations) for name, solver in cells(["heun"], [10])]
+    assert names == [("heun", 9), ("dpm_solver", 10), ("ddim", 50), ("ddpm", 250)]
