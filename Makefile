@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The torch pair this machine installs from its own disk; users' clusters bring their own.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install train sample test test-fast bench bench-gpu lint clean
+.PHONY: install train sample test test-fast bench bench-quality bench-gpu lint clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/bench.py
 	$(PY) benchmarks/eval_bench.py --batch 8 --seconds 10
+
+# Which sampler at which budget: every sampler at NFE 5..50 (and DDIM 50, DDPM 250) on the `make train` digits
+# model (trained first when outputs/digits has no checkpoint), CFG 2; writes docs/sampler_quality.{md,json,png}.
+bench-quality: install
+	OMP_NUM_THREADS=1 $(PY) benchmarks/sampler_quality.py --out docs
 
 # On one GPU: ADM's ImageNet 64 and 128 models at per-GPU batches of the paper's global batches (2048 and 256
 # spread over 32 and 8 GPUs); MFU against the H100 SXM's dense bf16 peak (set PEAK_TFLOPS for other cards).

@@ -11,6 +11,7 @@ upsamples the images of ``base_samples=BASE.npz``. Under torchrun the ranks spli
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from pathlib import Path
@@ -343,6 +344,13 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
         classifier = hw.prepare_model(classifier)
         log.info("classifier guidance: %s, scale %g", cfg.classifier, cfg.classifier_scale)
     log.info("%s on %s; %d rank(s); %s", solver, hw, env.world_size, cfg.checkpoint)
+    solver_info = describe_solver(solver)
+    log.info(
+        "solver %s, %d network evaluations per image batch, options %s",
+        solver_info["solver"],
+        solver_info["network_evaluations"],
+        json.dumps(solver_info["options"]),
+    )
 
     start = time.perf_counter()
     mine = list(range(env.rank, cfg.num_samples, env.world_size))
@@ -362,7 +370,7 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
     barrier()
     out = run_dir / "samples.npz"
     if env.is_main:
-        _write_samples(run_dir, out, cfg, labels, env.world_size)
+        _write_samples(run_dir, out, cfg, labels, env.world_size, solver_info)
         elapsed = time.perf_counter() - start
         log.info(
             "%d samples from %s (step %s) in %.1f s: %.2f images/s on %d rank(s) -> %s",
@@ -420,8 +428,21 @@ def _generate_shard(
     return np.concatenate(images)
 
 
-def _write_samples(run_dir: Path, out: Path, cfg: DictConfig, labels, world_size: int) -> None:
-    """Interleave the ranks' shards back into index order; write samples.npz atomically, then grid.png."""
+def describe_solver(solver) -> dict:
+    """The solver's name, options and network evaluations per batch (``solver.describe()``)."""
+    if hasattr(solver, "describe"):
+        return solver.describe()
+    return {"solver": type(solver).__name__, "options": {}, "network_evaluations": -1}
+
+
+def _write_samples(
+    run_dir: Path, out: Path, cfg: DictConfig, labels, world_size: int, solver_info: dict | None = None
+) -> None:
+    """Interleave the ranks' shards back into index order; write samples.npz atomically, then grid.png.
+
+    Besides the images (arr_0) and labels (arr_1), samples.npz records what made them: ``solver`` (its name in
+    conf/solver), ``solver_options`` (JSON) and ``network_evaluations`` (per image batch, not counting the
+    doubled batch of classifier-free guidance)."""
     shards = [np.load(run_dir / f".shard_{r}.npy") for r in range(world_size)]
     arr = np.empty((cfg.num_samples, *shards[0].shape[1:]), dtype=np.uint8)
     for r, shard in enumerate(shards):
@@ -429,6 +450,10 @@ def _write_samples(run_dir: Path, out: Path, cfg: DictConfig, labels, world_size
     arrays = {"arr_0": arr}  # the layout OpenAI's evaluator reads: arr_0 images, arr_1 labels
     if labels is not None:
         arrays["arr_1"] = labels.numpy()
+    if solver_info is not None:
+        arrays["solver"] = np.array(solver_info["solver"])
+        arrays["solver_options"] = np.array(json.dumps(solver_info["options"], default=str))
+        arrays["network_evaluations"] = np.array(solver_info["network_evaluations"], dtype=np.int64)
     tmp = run_dir / ".samples.tmp.npz"
     np.savez(tmp, **arrays)
     tmp.replace(out)

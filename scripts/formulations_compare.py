@@ -48,7 +48,9 @@ ADM_ONLY = {"dpm_solver": lambda n: n}  # DPM-Solver++ on ADM's own discrete tim
 
 def score(path: Path, judge) -> dict:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        metrics = evaluate(evaluate_parser().parse_args(["--features", "digits", str(path), "--device", "cpu"]))
+        metrics = evaluate(
+            evaluate_parser().parse_args(["--features", "digits", str(path), "--device", "cpu"])
+        )
     with np.load(path) as npz:
         accuracy = judge_samples(npz["arr_0"], npz["arr_1"], judge)["accuracy"]
     return {
@@ -110,13 +112,21 @@ def main() -> None:
                            "seconds": time.perf_counter() - start}  # fmt: skip
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    (out / "results.json").write_text(json.dumps({"num": args.num, "guidance": args.guidance, "rows": rows}, indent=1))
-    print("\n| backbone | formulation | NFE budget | best sampler | FID | precision | recall | judge accuracy |")
+    (out / "results.json").write_text(
+        json.dumps({"num": args.num, "guidance": args.guidance, "rows": rows}, indent=1)
+    )
+    print(
+        "\n| backbone | formulation | NFE budget | best sampler | FID | precision | recall | judge accuracy |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for backbone in BACKBONES:
         for formulation in FORMULATIONS:
             for budget in args.budgets:
-                cell = [r for r in rows if (r["backbone"], r["formulation"], r["budget"]) == (backbone, formulation, budget)]
+                cell = [
+                    r
+                    for r in rows
+                    if (r["backbone"], r["formulation"], r["budget"]) == (backbone, formulation, budget)
+                ]
                 best = min(cell, key=lambda r: r["fid"])
                 print(
                     f"| {backbone} | {formulation} | {budget} | {best['solver']} ({best['nfe']} NFE) | {best['fid']:.4f} | "

@@ -146,6 +146,7 @@ def run_solver(solver, model, process, x_T, noise=None, cond_fn=None, model_kwar
         clip_denoised=solver.clip_denoised,
         cond_fn=cond_fn,
         classifier_form=solver.classifier_form,
+        quantize=getattr(solver, "quantize", None),
     )
     return solver(denoiser, x_T, extra_args=model_kwargs, noise=noise, callback=callback)
 

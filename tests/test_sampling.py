@@ -99,7 +99,10 @@ def test_samples_npz_layout_order_labels_and_grid(project_ckpt, tmp_path):
     out = sample(cfg, tmp_path)
     assert out == tmp_path / "samples.npz"
     npz = read_npz(out)
-    assert set(npz) == {"arr_0", "arr_1"}
+    # images, labels, then what made them: the solver, its options and its network evaluations
+    assert set(npz) == {"arr_0", "arr_1", "solver", "solver_options", "network_evaluations"}
+    assert str(npz["solver"]) == "dpm_solver" and int(npz["network_evaluations"]) == 3
+    assert json.loads(str(npz["solver_options"])) == {"steps": 3, "clip_denoised": True, "spacing": "logsnr"}
     assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (6, 8, 8, 1)
     assert npz["arr_1"].tolist() == [3, 3, 7, 3, 3, 7]
     # Exactly the images 0..5 in index order: what generate() gives for those indices, batched the same way.
@@ -208,7 +211,13 @@ def test_plain_state_dict_samples_with_model_and_diffusion_presets(plain_files, 
     assert npz["arr_0"].shape == (3, 8, 8, 1) and npz["arr_1"].tolist() == [0, 1, 2]
     uncond = sample_cfg(f"checkpoint={plain_files['uncond']}", "model=unet_digits", *TINY_MODEL,
                         "model.class_cond=false", "diffusion=adm", "num_samples=2")  # fmt: skip
-    assert set(read_npz(sample(uncond, tmp_path / "u"))) == {"arr_0"}  # no labels for an unconditional model
+    # no labels for an unconditional model
+    assert set(read_npz(sample(uncond, tmp_path / "u"))) == {
+        "arr_0",
+        "solver",
+        "solver_options",
+        "network_evaluations",
+    }
 
 
 def test_half_precision_files_load_as_fp32_weights(plain_files, tmp_path):

@@ -576,6 +576,10 @@ def build_task(cfg: DictConfig) -> Task:
     if diffusion.discrete and "steps" in cfg.solver:
         steps = min(steps, diffusion.num_timesteps)  # capped, so that short test processes can sample
     solver = build(cfg.solver, steps=steps)
+    if not getattr(solver, "discrete", False):
+        # A continuous sampler's schedule against the trained range: refused now, not at the first grid. (The
+        # discrete solvers keep their behaviour: their step counts are checked when they first sample.)
+        solver.check(diffusion)
     task = build(cfg.task, diffusion=diffusion, sampler=sampler, solver=solver)
     if task.generates and getattr(solver, "discrete", False) and not diffusion.discrete:
         raise ConfigError(

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from diffusion.errors import ConfigError, check_choice
 from diffusion.process.denoiser import Denoiser, Prediction, append_dims, sigma_tensor
+from diffusion.process.discrete_schedule import DiscreteSchedule
 from diffusion.process.formulation import Formulation
 from diffusion.process.weighting import min_snr_weights
 
@@ -833,24 +834,23 @@ class ADMDenoiser(Denoiser):
         self.net = net
         self.clip_denoised = clip_denoised
         self.quantize = quantize
-        ac = process.alphas_cumprod
-        self.sigmas = torch.from_numpy(np.sqrt((1.0 - ac) / ac))  # float64, ascending in t
-        self.log_sigmas = self.sigmas.log()
+        # The trained levels sigma_t (float64, ascending in t) and the sigma <-> t maps: k-diffusion's
+        # DiscreteSchedule, one copy shared with the continuous samplers' "model" schedule.
+        self.schedule = DiscreteSchedule(process.alphas_cumprod, quantize=quantize)
+        self.sigmas = self.schedule.sigmas
+        self.log_sigmas = self.schedule.log_sigmas
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
 
     # --- continuous face -------------------------------------------------------------------------------------
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
-        """The (fractional unless ``quantize``) respaced timestep of each sigma [N], float, on sigma's device."""
-        log_sigmas = self.log_sigmas.to(sigma.device, torch.float64)
-        log_sigma = sigma.to(torch.float64).log()
-        dists = log_sigma[:, None] - log_sigmas[None, :]
-        if self.quantize:
-            return dists.abs().argmin(dim=1).to(sigma.dtype if sigma.is_floating_point() else torch.float32)
-        low = (dists >= 0).cumsum(dim=1).argmax(dim=1).clamp(max=len(log_sigmas) - 2)
-        high = low + 1
-        w = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high])).clamp(0, 1)
-        return ((1 - w) * low + w * high).to(sigma.dtype)
+        """The respaced timestep of each sigma [N] on sigma's device: the nearest trained one (int64) when
+        ``quantize``, else fractional, interpolated linearly in log sigma."""
+        return self.schedule.sigma_to_t(sigma, quantize=self.quantize)
+
+    def get_sigmas(self, n: int | None = None) -> Tensor:
+        """``n`` trained levels evenly spaced in the timesteps, from sigma_max down, then 0: [n + 1] (float64)."""
+        return self.schedule.get_sigmas(n)
 
     def input_scale(self, sigma: Tensor) -> Tensor:
         return (sigma**2 + 1).rsqrt()
@@ -858,10 +858,12 @@ class ADMDenoiser(Denoiser):
     def network_input(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         sigma = sigma_tensor(sigma, x)
         c_in = append_dims(self.input_scale(sigma).to(x.dtype), x.dim())
-        return x * c_in, self._continuous_network_time(self.sigma_to_t(sigma))
+        t_dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
+        return x * c_in, self._continuous_network_time(self.sigma_to_t(sigma), t_dtype)
 
-    def _continuous_network_time(self, t: Tensor) -> Tensor:
-        """Network time values of fractional respaced timesteps: the original index map interpolated linearly."""
+    def _continuous_network_time(self, t: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Network time values of (fractional) respaced timesteps: the original index map interpolated linearly;
+        float32, or float64 for float64 sigmas (k-diffusion passes t in the sigmas' precision)."""
         table = self.process._table("timestep_map", t.device).to(torch.float64)
         low = t.to(torch.float64).floor().long().clamp(0, len(table) - 1)
         high = (low + 1).clamp(max=len(table) - 1)
@@ -869,7 +871,7 @@ class ADMDenoiser(Denoiser):
         model_t = (1 - w) * table[low] + w * table[high]
         if self.process.rescale_timesteps:
             model_t = model_t * (1000.0 / self.process.original_num_steps)
-        return model_t.to(torch.float32)
+        return model_t.to(dtype)
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra_args) -> Tensor:
         sigma = sigma_tensor(sigma, x)

@@ -79,6 +79,7 @@ def generate(
         guidance_rescale=guidance_rescale,
         guide=guide,
         guide_formulation=guide_formulation,
+        quantize=getattr(solver, "quantize", None),
     )
     noise = PerImageNoise(seed, indices, (model.in_channels, model.image_size, model.image_size), device)
     x_T = noise.draw()

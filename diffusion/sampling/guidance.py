@@ -343,6 +343,7 @@ def guided_denoiser(
     guidance_rescale: float = 0.0,
     guide: nn.Module | None = None,
     guide_formulation=None,
+    quantize: bool | None = None,
 ) -> Denoiser:
     """The denoiser a sampler runs on, guidance composed in this one place:
 
@@ -356,8 +357,11 @@ def guided_denoiser(
     :param formulation: what the network was trained with; its ``denoiser(net, clip_denoised=...)`` is used.
     :param classifier_form: how the sampler applies classifier guidance (its solver's ``classifier_form``).
     :param guide_formulation: what the guide was trained with (default: ``formulation``).
+    :param quantize: the continuous face's sigma -> timestep (a continuous solver's ``quantize``: the nearest
+        trained step, or interpolated); None keeps the formulation's default.
     """
-    plain = formulation.denoiser(model, clip_denoised=clip_denoised)
+    options = {} if quantize is None else {"quantize": quantize}
+    plain = formulation.denoiser(model, clip_denoised=clip_denoised, **options)
     check_guidance(
         model,
         guidance_scale,
@@ -368,13 +372,13 @@ def guided_denoiser(
         sigma_range=(plain.sigma_min, plain.sigma_max),
     )
     if guide is not None:
-        weak = (guide_formulation or formulation).denoiser(guide, clip_denoised=clip_denoised)
+        weak = (guide_formulation or formulation).denoiser(guide, clip_denoised=clip_denoised, **options)
         denoiser = AutoGuidance(plain, weak, guidance_scale)
     elif conditional and guidance_scale != 1.0:
         style = GUIDANCE_STYLES[guidance_style]
         extra = {"rescale": guidance_rescale} if guidance_rescale else {}
         net = style(model, guidance_scale, model.null_class, **extra)
-        denoiser = formulation.denoiser(net, clip_denoised=clip_denoised)
+        denoiser = formulation.denoiser(net, clip_denoised=clip_denoised, **options)
     else:
         denoiser = plain
     if guidance_interval is not None and denoiser is not plain:

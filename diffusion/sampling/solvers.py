@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 from collections.abc import Callable
 
@@ -32,6 +33,8 @@ from diffusion.process.denoiser import Denoiser
 from diffusion.process.gaussian import GaussianDiffusion, space_timesteps
 
 NoiseFn = Callable[[int], Tensor]
+# The conf/solver option of each class.
+_NAMES = {"DDPM": "ddpm", "DDIM": "ddim", "DPMSolverPP": "dpm_solver"}
 
 
 class Solver:
@@ -77,6 +80,21 @@ class Solver:
     def check(self, diffusion: GaussianDiffusion) -> None:
         """Raise ConfigError now if ``steps`` cannot be met on ``diffusion`` (before any sampling work)."""
         self.timesteps(diffusion)
+
+    @property
+    def name(self) -> str:
+        """The solver's option name in ``conf/solver``."""
+        return _NAMES.get(type(self).__name__, type(self).__name__.lower())
+
+    @property
+    def network_evaluations(self) -> int:
+        """Network evaluations per batch: one per step."""
+        return self.steps
+
+    def describe(self) -> dict:
+        """What the samples were made with: the solver's name, its options and its network evaluations."""
+        options = {k: getattr(self, k) for k in inspect.signature(type(self)).parameters}
+        return {"solver": self.name, "options": options, "network_evaluations": self.network_evaluations}
 
     def __call__(
         self,
