@@ -29,6 +29,7 @@ from diffusion.data.images import save_grid, to_uint8
 from diffusion.engine import checkpoint as ckpt
 from diffusion.errors import UserError
 from diffusion.runtime.distributed import DistEnv, barrier, cleanup_distributed, init_distributed
+from diffusion.sampling.auto import AutoSolver
 from diffusion.sampling.generate import generate
 from diffusion.sampling.guidance import check_guidance, classifier_cond_fn
 from diffusion.sampling.solvers import unclipped
@@ -330,6 +331,8 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
     base = read_base_samples(cfg, model)
     labels = class_labels(cfg, model, classifier) if base is None else base[1]
     solver = build(cfg.solver)
+    if isinstance(solver, AutoSolver):
+        solver = solver.resolve(diffusion)
     solver.check(diffusion)
     vae = latent_decoder(info["vae"], model, hw.device)
     if vae is not None:

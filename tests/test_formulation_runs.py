@@ -19,7 +19,7 @@ FORMULATIONS = {
     "edm": ["diffusion=edm"],
     "edm2": ["diffusion=edm2"],
     "flow": ["diffusion=flow", "diffusion.density=logit_normal"],
-    "min_snr": ["diffusion=adm", "diffusion.loss_weighting=min_snr", "diffusion.steps=8"],
+    "min_snr": ["diffusion=improved", "diffusion.loss_weighting=min_snr", "diffusion.steps=8"],
 }
 
 
@@ -85,3 +85,24 @@ def test_bad_formulation_settings_are_one_line(overrides, message):
 def test_classifier_training_needs_adm():
     with pytest.raises(ConfigError, match="task=classifier trains a noisy-image classifier on ADM's"):
         build_task(tiny_cfg("diffusion=edm", "task=classifier", "model=classifier_digits", "solver=ddpm"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "recipe", [("digits", "edm"), ("digits", "flow"), ("digits_dit", "flow"), ("digits", "adm")]
+)
+def test_recipes_train_and_evaluate_with_the_formulation_s_own_sampler(tmp_path, recipe):
+    """experiment=digits diffusion=edm (and the others) as typed, shortened: they train, sample their grids and
+    score their samples with solver=auto, the formulation's own sampler."""
+    experiment, formulation = recipe
+    from conftest import compose_cfg
+
+    cfg = compose_cfg(
+        [f"experiment={experiment}", f"diffusion={formulation}", "max_steps=2", "logger=none",
+         "eval.num_samples=12", "eval.batch_size=12", "num_grid_samples=2", "solver.steps=3",
+         *(["model.num_channels=32"] if experiment == "digits" else ["model.depth=1", "eval=digits"])]
+    )  # fmt: skip
+    metrics = train(cfg, tmp_path)
+    assert 0 <= metrics["eval/fid"] < float("inf") and (tmp_path / "samples/step_00000002.png").exists()
+    expected = {"adm": "DPMSolverPP", "edm": "KSampler", "flow": "KSampler"}[formulation]
+    assert type(build_task(cfg).solver).__name__ == expected

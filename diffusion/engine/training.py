@@ -47,6 +47,7 @@ from diffusion.runtime.distributed import (
     quiet_non_main,
     replicas_identical,
 )
+from diffusion.sampling.auto import AutoSolver
 
 log = logging.getLogger(__name__)
 
@@ -572,10 +573,12 @@ def build_task(cfg: DictConfig) -> Task:
             f"{diffusion.name} draws its own noise levels: drop the sampler override"
         )
     sampler = diffusion.level_sampler(lambda num_timesteps: build(cfg.sampler, num_timesteps=num_timesteps))
-    steps = cfg.solver.steps
-    if diffusion.discrete and "steps" in cfg.solver:
-        steps = min(steps, diffusion.num_timesteps)  # capped, so that short test processes can sample
-    solver = build(cfg.solver, steps=steps)
+    # Discrete solvers' steps are capped at the process's length, so that short test processes can sample.
+    cap = diffusion.num_timesteps if diffusion.discrete else None
+    steps = cfg.solver.get("steps")
+    solver = build(cfg.solver, **({} if steps is None or cap is None else {"steps": min(steps, cap)}))
+    if isinstance(solver, AutoSolver):
+        solver = solver.resolve(diffusion, max_steps=cap)
     if not getattr(solver, "discrete", False):
         # A continuous sampler's schedule against the trained range: refused now, not at the first grid. (The
         # discrete solvers keep their behaviour: their step counts are checked when they first sample.)

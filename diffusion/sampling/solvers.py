@@ -79,6 +79,12 @@ class Solver:
 
     def check(self, diffusion: GaussianDiffusion) -> None:
         """Raise ConfigError now if ``steps`` cannot be met on ``diffusion`` (before any sampling work)."""
+        if not diffusion.discrete:
+            raise ConfigError(
+                f"solver={self.name} steps through ADM's discrete timesteps; the model was trained with "
+                f"diffusion={diffusion.name}, which has none: use solver=auto (its own sampler) or a continuous "
+                "one, e.g. solver=heun"
+            )
         self.timesteps(diffusion)
 
     @property
