@@ -106,7 +106,7 @@ def main() -> None:
                         )  # fmt: skip
                     path = sample(cfg, out / "samples" / f"{backbone}_{formulation}_{solver}_{steps}")
                     with np.load(path) as npz:
-                        nfe = int(npz["nfe"]) if "nfe" in npz.files else budget
+                        nfe = int(npz["network_evaluations"])
                     row = {"backbone": backbone, "formulation": formulation, "budget": budget, "solver": solver,
                            "steps": steps, "nfe": nfe, **score(path, judge),
                            "seconds": time.perf_counter() - start}  # fmt: skip
