@@ -408,3 +408,38 @@ def test_a_pixel_checkpoint_refuses_a_vae(tmp_path):
                       config_name="sample")  # fmt: skip
     with pytest.raises(SamplingError, match="trained in pixel space \\(data.latent=false\\): drop the vae"):
         load_model(cfg)
+
+
+def test_sit_s_released_layout_loads_strictly_with_diffusion_flow(tmp_path):
+    """SiT-XL/2's checkpoints are DiT-XL/2's layout (learned-sigma channels included): `model=dit_xl_2
+    diffusion=flow` loads one strictly (meta tensors, no memory), and the extra channels are dropped when sampling,
+    as SiT's forward does."""
+    ref = LAYOUTS["released"]["DiT-XL-2-256x256"]
+    path = tmp_path / "SiT-XL-2-256x256.pt"
+    torch.save({k: torch.empty(v, device="meta") for k, v in ref["state_dict"].items()}, path)
+    for flow in ("flow", "sit"):
+        cfg = compose_cfg(["model=dit_xl_2", f"diffusion={flow}", f"checkpoint={path}"], config_name="sample")
+        model, diffusion, _ = load_model(cfg)
+        assert sum(p.numel() for p in model.parameters()) == ref["num_parameters"]
+        assert model.out_channels == 8 and diffusion.name == "flow"
+    # the same file as an EDM model: EDM trains no variance channels, so it is refused in one line
+    cfg = compose_cfg(["model=dit_xl_2", "diffusion=edm", f"checkpoint={path}"], config_name="sample")
+    with pytest.raises(SamplingError, match="diffusion=edm trains networks without them") as e:
+        load_model(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_a_plain_dit_samples_as_a_flow_model_with_a_continuous_sampler(plain_dit, vae_dir, tmp_path):
+    out = sample(
+        plain_request(
+            plain_dit,
+            "diffusion=sit",
+            "solver=euler",
+            "solver.steps=3",
+            "vae=sd_vae_ft_mse",
+            f"vae.name_or_path={vae_dir}",
+        ),
+        tmp_path,
+    )
+    with np.load(out) as npz:
+        assert npz["arr_0"].shape[0] == 3 and str(npz["solver"]) == "euler"

@@ -106,3 +106,24 @@ def test_recipes_train_and_evaluate_with_the_formulation_s_own_sampler(tmp_path,
     assert 0 <= metrics["eval/fid"] < float("inf") and (tmp_path / "samples/step_00000002.png").exists()
     expected = {"adm": "DPMSolverPP", "edm": "KSampler", "flow": "KSampler"}[formulation]
     assert type(build_task(cfg).solver).__name__ == expected
+
+
+def test_bits_per_dim_names_the_formulations_it_supports(tmp_path):
+    from diffusion.nll import evaluate
+    from diffusion.sample import SamplingError
+
+    from conftest import compose_cfg
+
+    train(tiny_cfg("diffusion=edm", "solver=euler", "max_steps=1", *QUIET[:2]), tmp_path / "run")
+    cfg = compose_cfg(
+        [
+            "hardware=cpu",
+            "data=digits",
+            "data.batch_size=3",
+            f"checkpoint={tmp_path / 'run/checkpoints/latest.pt'}",
+        ],
+        config_name="nll",
+    )
+    with pytest.raises(SamplingError, match=r"diffusion=adm, ddpm, improved\); .* diffusion=edm") as e:
+        evaluate(cfg, tmp_path / "nll")
+    assert "\n" not in str(e.value)
