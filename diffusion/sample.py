@@ -28,6 +28,7 @@ from diffusion.config.build import check_complete as check_complete_config
 from diffusion.data.images import save_grid, to_uint8
 from diffusion.engine import checkpoint as ckpt
 from diffusion.errors import UserError
+from diffusion.evaluation.batch_files import open_batch, write_sample_batch
 from diffusion.runtime.distributed import DistEnv, barrier, cleanup_distributed, init_distributed
 from diffusion.sampling.auto import AutoSolver
 from diffusion.sampling.generate import generate
@@ -450,16 +451,14 @@ def _write_samples(
     arr = np.empty((cfg.num_samples, *shards[0].shape[1:]), dtype=np.uint8)
     for r, shard in enumerate(shards):
         arr[r::world_size] = shard
-    arrays = {"arr_0": arr}  # the layout OpenAI's evaluator reads: arr_0 images, arr_1 labels
-    if labels is not None:
-        arrays["arr_1"] = labels.numpy()
+    metadata = {}
     if solver_info is not None:
-        arrays["solver"] = np.array(solver_info["solver"])
-        arrays["solver_options"] = np.array(json.dumps(solver_info["options"], default=str))
-        arrays["network_evaluations"] = np.array(solver_info["network_evaluations"], dtype=np.int64)
-    tmp = run_dir / ".samples.tmp.npz"
-    np.savez(tmp, **arrays)
-    tmp.replace(out)
+        metadata = {
+            "solver": solver_info["solver"],
+            "solver_options": json.dumps(solver_info["options"], default=str),
+            "network_evaluations": np.int64(solver_info["network_evaluations"]),
+        }
+    write_sample_batch(out, arr, None if labels is None else labels.numpy(), **metadata)
     save_grid(arr[: cfg.grid_max], run_dir / "grid.png")
     for r in range(world_size):
         (run_dir / f".shard_{r}.npy").unlink()
@@ -590,17 +589,9 @@ def read_base_samples(
             "drop classes"
         )
     check_guidance(model, cfg.guidance_scale)
-    try:
-        with np.load(path) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as e:
-        raise SamplingError(f"base_samples={path} is not a readable .npz file ({e})") from e
-    images = arrays.get("arr_0")
+    batch = open_batch(path, role="base_samples", min_images=1)  # one line for a file that is no sample batch
+    images, labels = batch.images(), batch.labels()
     small = model.small_size
-    if images is None or images.dtype != np.uint8 or images.ndim != 4:
-        raise SamplingError(
-            f"base_samples={path} must hold arr_0, uint8 images [N x H x W x C] as sample.py writes them"
-        )
     if small is not None and images.shape[1:3] != (small, small):
         raise SamplingError(
             f"base_samples={path} holds {images.shape[1]}x{images.shape[2]} images, but this upsampler "
@@ -610,7 +601,6 @@ def read_base_samples(
         raise SamplingError(
             f"base_samples={path} holds {images.shape[3]}-channel images, the upsampler takes {model.in_channels}"
         )
-    labels = arrays.get("arr_1")
     if model.num_classes:
         if labels is None:
             raise SamplingError(

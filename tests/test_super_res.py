@@ -185,8 +185,8 @@ def test_bad_base_samples_are_one_line_before_sampling(upsampler, base_model, tm
         ([f"checkpoint={upsampler}", f"base_samples={rgb}"], "3-channel images, the upsampler takes 1"),
         ([f"checkpoint={upsampler}", f"base_samples={unlabelled}"], "has no labels \\(arr_1\\), and this upsampler"),
         ([f"checkpoint={upsampler}", f"base_samples={bad_labels}"], "labels \\[12\\] outside the upsampler's range"),
-        ([f"checkpoint={upsampler}", f"base_samples={floats}"], "must hold arr_0, uint8 images"),
-        ([f"checkpoint={upsampler}", f"base_samples={tmp_path / 'text.npz'}"], "is not a readable .npz file"),
+        ([f"checkpoint={upsampler}", f"base_samples={floats}"], "arr_0 has dtype float32; store uint8 images"),
+        ([f"checkpoint={upsampler}", f"base_samples={tmp_path / 'text.npz'}"], "is not an .npz file"),
         ([f"checkpoint={upsampler}", f"base_samples={good}", f"classifier={base_model}"],
          "classifier guidance steers a base model"),
     ]  # fmt: skip

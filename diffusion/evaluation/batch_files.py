@@ -25,6 +25,7 @@ import torch
 from diffusion.data.images import UINT8_FROM_FLOATS
 from diffusion.errors import UserError
 from diffusion.evaluation.metrics import FeatureStatistics, feature_statistics
+from diffusion.runtime.files import fsync_path
 
 
 class FeatureSource(Protocol):
@@ -231,6 +232,30 @@ def _as_batches(images: Iterable[np.ndarray | torch.Tensor]) -> Iterator[np.ndar
                 f"{array.dtype} {array.shape}"
             )
         yield array
+
+
+def write_sample_batch(
+    path: str | Path, images: np.ndarray, labels: np.ndarray | None = None, **metadata
+) -> Path:
+    """
+    Write a sample batch atomically: ``arr_0`` the uint8 [N x H x W x C] images, ``arr_1`` their labels (when
+    given), as OpenAI's evaluator reads them, plus ``metadata`` entries (strings and numbers, e.g. the solver).
+    The file appears under its name only when complete.
+    """
+    path = Path(path)
+    arrays = {"arr_0": images}
+    if labels is not None:
+        arrays["arr_1"] = labels
+    arrays.update({k: np.array(v) for k, v in metadata.items()})
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _write_npz(
