@@ -59,6 +59,7 @@ from diffusion.engine.training import (  # noqa: E402
     build_task,
 )
 from diffusion.engine.training import train_step as engine_train_step  # noqa: E402
+from diffusion.sampling.guidance import guided_denoiser  # noqa: E402
 
 THREADS = 2
 MODELS = ("unet_digits", "unet_32", "unet_64", "dit_s_2", "dit_b_2")
@@ -466,10 +467,12 @@ def sampling_rows(device: torch.device, plan: Plan) -> list[dict]:
         )
         solver = instantiate(solver_cfg.solver)
 
+        denoiser = guided_denoiser(model, s.task.diffusion, clip_denoised=solver.clip_denoised)
+
         @torch.no_grad()
-        def run(solver=solver):
+        def run(solver=solver, denoiser=denoiser):
             with s.hw.autocast():
-                solver(model, s.task.diffusion, x_T, model_kwargs=kwargs)
+                solver(denoiser, x_T, extra_args=kwargs)
 
         _, times = time_calls(run, device, plan.steps)
         rows.append(

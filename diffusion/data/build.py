@@ -26,7 +26,8 @@ def build_dataset(
     :param no_flips: turn random flips off (a reference batch holds the real images, not mirrors).
     :param fields: constructor values that replace the group's (e.g. a checkpoint's image_size and channels).
     """
-    config = {k: v for k, v in data_cfg.items() if k not in LOADER_KEYS}
+    # The given fields replace the group's unread: data.image_size may be an interpolation that cannot resolve here.
+    config = {k: data_cfg[k] for k in data_cfg if k not in LOADER_KEYS and k not in fields}
     config.update(fields)
     if no_flips and "random_flip" in config:
         config["random_flip"] = False
