@@ -16,8 +16,6 @@ its features against the real digits it never saw; its accuracy against the requ
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import subprocess
 import sys
@@ -25,12 +23,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from digit_scores import score  # scripts/digit_scores.py
 from hydra import compose, initialize_config_dir
 
 import diffusion
-from diffusion.evaluate import _parser as evaluate_parser
-from diffusion.evaluate import run as evaluate
-from diffusion.evaluation.digit_judge import judge_samples, train_digit_classifier
+from diffusion.evaluation.digit_judge import train_digit_classifier
 from diffusion.sample import sample
 from diffusion.sampling.k_samplers import network_evaluations
 
@@ -44,21 +41,6 @@ CANDIDATES = {
     "dpmpp_2m": lambda n: n,
 }
 ADM_ONLY = {"dpm_solver": lambda n: n}  # DPM-Solver++ on ADM's own discrete timesteps
-
-
-def score(path: Path, judge) -> dict:
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        metrics = evaluate(
-            evaluate_parser().parse_args(["--features", "digits", str(path), "--device", "cpu"])
-        )
-    with np.load(path) as npz:
-        accuracy = judge_samples(npz["arr_0"], npz["arr_1"], judge)["accuracy"]
-    return {
-        "fid": float(metrics["fid"]),
-        "precision": float(metrics["precision"]),
-        "recall": float(metrics["recall"]),
-        "judge_accuracy": float(accuracy),
-    }
 
 
 def train(out: Path) -> None:

@@ -16,19 +16,16 @@ samples (10 per class) of ``--check-std`` are judged: how many the judge reads a
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from digit_scores import score  # scripts/digit_scores.py
 from hydra import compose, initialize_config_dir
 
 import diffusion
-from diffusion.evaluate import _parser as evaluate_parser
-from diffusion.evaluate import run as evaluate
 from diffusion.evaluation.digit_judge import judge_samples, train_digit_classifier
 from diffusion.sample import sample
 
@@ -43,17 +40,6 @@ def draw(args, source: list[str], out: Path, num: int, scale: float, classes: st
     cfg = sample_cfg([*source, f"num_samples={num}", "batch_size=250", f"guidance_scale={scale}",
                       f"solver={args.solver}", f"solver.steps={args.steps}", f"seed={args.seed}", *extra])  # fmt: skip
     return sample(cfg, out)
-
-
-def score(path: Path, judge) -> dict:
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        metrics = evaluate(
-            evaluate_parser().parse_args(["--features", "digits", str(path), "--device", "cpu"])
-        )
-    with np.load(path) as npz:
-        accuracy = judge_samples(npz["arr_0"], npz["arr_1"], judge)["accuracy"]
-    return {"fid": float(metrics["fid"]), "precision": float(metrics["precision"]),
-            "recall": float(metrics["recall"]), "judge_accuracy": float(accuracy)}  # fmt: skip
 
 
 def plot(results: dict, scales: list[float], path: Path, run: str) -> None:

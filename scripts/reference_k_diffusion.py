@@ -37,9 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from k_reference import mixture_denoiser, tiny_net  # noqa: E402  (the very functions the tests use)
+
 DEFAULT_OUT = ROOT / "tests" / "fixtures" / "k_diffusion"
 
 # ---- closed-form data distribution (identical copy in tests/k_reference.py)
@@ -55,28 +57,6 @@ def make_mixture(dim: int, generator: torch.Generator) -> dict[str, torch.Tensor
     }
 
 
-def mixture_denoiser(mixture: dict[str, torch.Tensor]):
-    """E[x0 | x] for x = x0 + sigma * eps, x0 ~ mixture; x [N, ...] flattened to [N, D], sigma [N]."""
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(x.shape[0], -1)  # [N, D]
-        dim = flat.shape[1]
-        var = mixture["stds"] ** 2  # [K]
-        total = var[None, :] + sigma[:, None] ** 2  # [N, K]: variance of x given component k
-        sq = ((flat[:, None, :] - mixture["means"][None]) ** 2).sum(-1)  # [N, K]
-        logp = mixture["weights"].log()[None] - 0.5 * sq / total - 0.5 * dim * total.log()
-        resp = torch.softmax(logp, dim=1)  # [N, K]
-        shrink = var[None, :] / total  # [N, K]
-        comp = mixture["means"][None] + shrink[..., None] * (flat[:, None, :] - mixture["means"][None])
-        return (resp[..., None] * comp).sum(1).reshape(x.shape)
-
-    return denoise
-
-
-# ---- tiny timestep-conditioned network (identical copy in tests/k_reference.py)
-# ------------------------------
-
-
 def make_net_params(in_ch: int, out_ch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Seeded weights of :func:`tiny_net`: a 3x3 conv plus two per-channel timestep terms."""
     return {
@@ -85,21 +65,6 @@ def make_net_params(in_ch: int, out_ch: int, generator: torch.Generator) -> dict
         "t_sin": torch.randn(out_ch, generator=generator, dtype=torch.float64),
         "t_lin": torch.randn(out_ch, generator=generator, dtype=torch.float64),
     }
-
-
-def tiny_net(params: dict[str, torch.Tensor]):
-    """net(x [N, C, H, W], t [N]) -> [N, out_ch, H, W]; t enters through sin(t / 150) and t / 1000."""
-
-    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t = t.to(x.dtype)[:, None, None, None]
-        h = F.conv2d(x, params["weight"], params["bias"], padding=1)
-        return (
-            h
-            + torch.sin(t / 150) * params["t_sin"][:, None, None]
-            + (t / 1000) * params["t_lin"][:, None, None]
-        )
-
-    return net
 
 
 def linear_alphas_cumprod(steps: int = 1000) -> np.ndarray:
