@@ -215,11 +215,7 @@ def class_labels(
     cfg: DictConfig, model: torch.nn.Module, classifier: torch.nn.Module | None = None
 ) -> torch.Tensor | None:
     """The class of every requested image, a LongTensor [num_samples]: ``classes`` cycled, or all classes in
-    turn; None for an unconditional model without a classifier (with one, the classes are the classifier's).
-    Also checks that ``guidance_scale`` suits the model."""
-    check_guidance(
-        model, cfg.guidance_scale, cfg.get("guidance_style", "all"), autoguidance=cfg.get("guide") is not None
-    )
+    turn; None for an unconditional model without a classifier (with one, the classes are the classifier's)."""
     num_classes, whose = model.num_classes, "the model's"
     if not num_classes and classifier is not None:
         num_classes, whose = classifier.num_classes, "the classifier's"
@@ -288,9 +284,9 @@ def sampling_hardware(hardware: DictConfig, trained_channels_last: bool | None, 
 
 
 def load_guide(cfg: DictConfig, model: torch.nn.Module, diffusion) -> tuple[torch.nn.Module | None, object]:
-    """The autoguidance model of ``guide=CHECKPOINT`` and its formulation, (None, None) without one; checked
-    against the guided model and the guidance settings (the interval against the model's noise levels), so
-    that a bad request ends with one line before any sampling."""
+    """The autoguidance model of ``guide=CHECKPOINT`` and its formulation, (None, None) without one. Checks every
+    guidance setting against the model first (the scale, the style, the interval against its noise levels, the
+    rescale), so that a bad request ends with one line before any sampling."""
     interval = cfg.get("guidance_interval")
     denoiser = diffusion.denoiser(model)
     check_guidance(
@@ -588,7 +584,6 @@ def read_base_samples(
             f"classes={list(cfg.classes)}: an upsampler takes each image's class from base_samples' arr_1; "
             "drop classes"
         )
-    check_guidance(model, cfg.guidance_scale)
     batch = open_batch(path, role="base_samples", min_images=1)  # one line for a file that is no sample batch
     images, labels = batch.images(), batch.labels()
     small = model.small_size
