@@ -22,10 +22,13 @@ log = logging.getLogger("sample")
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from diffusion.sample import sample
+def main(cfg: DictConfig) -> float | None:
+    """Returns ``score_objective`` when the samples are scored (score=digits|inception), for sweepers."""
+    from diffusion.sample import read_score, sample
 
-    exit_on_user_error(lambda: sample(cfg, HydraConfig.get().runtime.output_dir), log)
+    run_dir = HydraConfig.get().runtime.output_dir
+    exit_on_user_error(lambda: sample(cfg, run_dir), log)
+    return read_score(cfg, run_dir)
 
 
 if __name__ == "__main__":

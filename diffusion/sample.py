@@ -27,8 +27,9 @@ from diffusion.config import build
 from diffusion.config.build import check_complete as check_complete_config
 from diffusion.data.images import save_grid, to_uint8
 from diffusion.engine import checkpoint as ckpt
-from diffusion.errors import UserError
+from diffusion.errors import UserError, check_choice
 from diffusion.evaluation.batch_files import open_batch, write_sample_batch
+from diffusion.evaluation.evaluator import METRICS, Evaluator
 from diffusion.runtime.distributed import DistEnv, barrier, cleanup_distributed, init_distributed
 from diffusion.sampling.auto import AutoSolver
 from diffusion.sampling.generate import generate
@@ -259,6 +260,7 @@ def check_complete(cfg: DictConfig) -> None:
 def check_request(cfg: DictConfig) -> None:
     """The checks that need no checkpoint."""
     check_complete(cfg)
+    check_score(cfg)
     for key, minimum in [("num_samples", 1), ("batch_size", 1), ("grid_max", 1), ("seed", 0)]:
         if cfg[key] < minimum:
             raise SamplingError(f"{key}={cfg[key]}: must be >= {minimum}")
@@ -382,8 +384,43 @@ def _sample(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Path:
             env.world_size,
             out,
         )
+        if cfg.get("score"):
+            score_samples(cfg, out, hw.device)
     barrier()
     return out
+
+
+SCORE_FEATURES = ("digits", "inception")
+
+
+def check_score(cfg: DictConfig) -> None:
+    """One line, before any sampling, for a scoring request that cannot be met."""
+    if not cfg.get("score"):
+        return
+    check_choice("score", cfg.score, SCORE_FEATURES)
+    if cfg.score == "inception" and not cfg.get("score_reference"):
+        raise SamplingError(
+            "score=inception compares with a reference batch: add score_reference=REF.npz (OpenAI's reference "
+            "batches, or python -m diffusion.reference)"
+        )
+    check_choice("score_objective", cfg.score_objective, METRICS)
+
+
+def score_samples(cfg: DictConfig, path: Path, device) -> dict[str, float]:
+    """The five metrics of ``python -m diffusion.evaluate`` for the samples in ``path``, logged and written to
+    metrics.json beside them."""
+    evaluator = Evaluator(features=cfg.score, reference=cfg.get("score_reference"), device=device)
+    metrics = {k: float(v) for k, v in evaluator.evaluate_batch(open_batch(path)).items()}
+    (path.parent / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    log.info("scores (%s features): %s", cfg.score, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def read_score(cfg: DictConfig, run_dir: str | Path) -> float | None:
+    """``score_objective`` of a scored sampling run (what sample.py returns to a sweeper), else None."""
+    if not cfg.get("score"):
+        return None
+    return json.loads((Path(run_dir) / "metrics.json").read_text())[cfg.score_objective]
 
 
 def _generate_shard(

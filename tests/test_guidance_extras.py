@@ -164,3 +164,38 @@ def test_sample_py_autoguidance_interval_and_rescale(tmp_path, models):
     torch.save(small, tmp_path / "nine.pt")
     with pytest.raises(ValueError, match="its classes is 9, the model's 10"):
         npz("bad", f"guide={tmp_path / 'nine.pt'}", "guidance_scale=2")
+
+
+def test_scored_sampling_returns_its_objective_and_bad_requests_are_one_line(tmp_path):
+    """score=digits scores the samples as python -m diffusion.evaluate --features digits does and the job returns
+    score_objective: what a -m or Optuna sweep over sampling settings (ema_std, guidance_scale, steps) needs."""
+    import json
+
+    import numpy as np
+
+    from diffusion.evaluation.batch_files import open_batch
+    from diffusion.evaluation.evaluator import Evaluator
+    from diffusion.sample import read_score
+    from diffusion.sample import sample as run_sample
+
+    def cfg(*overrides):
+        return compose_cfg(
+            ["hardware=cpu", "solver=ddim", "solver.steps=5", "num_samples=20", "batch_size=20",
+             f"checkpoint={CHECKPOINT}", *overrides], config_name="sample",
+        )  # fmt: skip
+
+    scored = cfg("score=digits", "score_objective=precision")
+    out = run_sample(scored, tmp_path / "scored")
+    metrics = json.loads((tmp_path / "scored/metrics.json").read_text())
+    expected = Evaluator(features="digits").evaluate_batch(open_batch(out))
+    assert metrics == pytest.approx({k: float(v) for k, v in expected.items()})
+    assert read_score(scored, tmp_path / "scored") == metrics["precision"]
+    assert read_score(cfg(), tmp_path / "scored") is None and np.load(out)["arr_0"].shape[0] == 20
+    for overrides, message in [
+        (["score=fid"], "score='fid': must be one of 'digits', 'inception'"),
+        (["score=inception"], "score=inception compares with a reference batch: add score_reference"),
+        (["score=digits", "score_objective=kid"], "score_objective='kid': must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=message) as e:
+            run_sample(cfg(*overrides), tmp_path / "bad")
+        assert "\n" not in str(e.value) and not (tmp_path / "bad" / "samples.npz").exists()

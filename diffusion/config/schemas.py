@@ -200,6 +200,12 @@ class SampleConfig(CheckpointJobConfig):
     guidance_interval: list[float] | None = None  # [sigma_lo, sigma_hi]: guide only at these noise levels
     guidance_rescale: float = 0.0  # CFG rescale's phi (Lin et al. 2023: 0.7); 0 = off
     grid_max: int = 100  # at most this many images in grid.png
+    # Score the samples as python -m diffusion.evaluate does: digits (the digit judge's features) or inception
+    # (needs score_reference, a reference batch); printed, saved as metrics.json, and the job returns
+    # score_objective, so that -m sweeps and the Optuna sweeper can search sampling settings (ema_std, w, steps)
+    score: str | None = None
+    score_reference: str | None = None
+    score_objective: str = "fid"
     # Classifier guidance: a task=classifier run's checkpoint, or a plain state dict (OpenAI's
     # 64x64_classifier.pt...) with classifier_model naming its conf/model preset (classifier_64...)
     classifier: str | None = None
