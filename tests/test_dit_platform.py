@@ -443,3 +443,19 @@ def test_a_plain_dit_samples_as_a_flow_model_with_a_continuous_sampler(plain_dit
     )
     with np.load(out) as npz:
         assert npz["arr_0"].shape[0] == 3 and str(npz["solver"]) == "euler"
+
+
+def test_a_plain_dit_samples_as_a_flow_model_with_sits_sde(plain_dit, vae_dir, tmp_path):
+    out = sample(
+        plain_request(
+            plain_dit, "diffusion=sit", "solver=flow_sde", "solver.steps=3", "vae=sd_vae_ft_mse",
+            f"vae.name_or_path={vae_dir}", "guidance_scale=2",
+        ),
+        tmp_path,
+    )  # fmt: skip
+    with np.load(out) as npz:
+        assert (
+            npz["arr_0"].shape[0] == 3
+            and str(npz["solver"]) == "flow_sde"
+            and int(npz["network_evaluations"]) == 3
+        )

@@ -127,3 +127,40 @@ def test_bits_per_dim_names_the_formulations_it_supports(tmp_path):
     with pytest.raises(SamplingError, match=r"diffusion=adm, ddpm, improved\); .* diffusion=edm") as e:
         evaluate(cfg, tmp_path / "nll")
     assert "\n" not in str(e.value)
+
+
+def test_flow_sde_solver_is_sits_sde_sampler_on_the_per_image_noise():
+    """solver=flow_sde through generate gives sample_flow_sde's result (checked against SiT's numbers in
+    test_formulations) with the per-image noise as its Brownian increments; bad uses are one line."""
+    from hydra.utils import instantiate
+
+    from diffusion.process.flow import sample_flow_sde
+    from diffusion.process.gaussian import GaussianDiffusion
+    from diffusion.sampling.flow_sde import FlowSDE
+    from diffusion.sampling.generate import generate
+    from diffusion.sampling.guidance import classifier_cond_fn
+    from diffusion.sampling.noise import PerImageNoise
+
+    from conftest import compose_cfg
+
+    torch.manual_seed(0)
+    cfg = compose_cfg(["model=unet_digits", "model.image_size=8", "model.num_channels=32", "model.channel_mult=[1]",
+                       "model.attention_resolutions=[]", "model.num_res_blocks=1"])  # fmt: skip
+    net = instantiate(cfg.model, in_channels=1, num_classes=10, learn_sigma=False).eval()
+    flow = Flow()
+    solver = FlowSDE(steps=6)
+    classes = torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        ours = generate(net, flow, solver, range(3), 5, torch.device("cpu"), classes)
+        noise = PerImageNoise(5, range(3), (1, 8, 8), torch.device("cpu"))
+        x_T = noise.draw()
+        direct = sample_flow_sde(flow, net, x_T, steps=6, model_kwargs={"y": classes}, noise=noise.draw)
+    assert torch.equal(ours, direct.float())
+    assert solver.network_evaluations == 6 and solver.describe()["solver"] == "flow_sde"
+    with pytest.raises(ConfigError, match="solver=flow_sde is SiT's sampler for flow-matching models"):
+        solver.check(GaussianDiffusion(1000, "linear", "epsilon", "fixed_small"))
+    with pytest.raises(ConfigError, match="classifier guidance, autoguidance and the guidance interval wrap"):
+        generate(net, flow, solver, range(3), 5, torch.device("cpu"), classes,
+                 cond_fn=classifier_cond_fn(lambda x, t: x.flatten(1)[:, :10], classes))  # fmt: skip
+    with pytest.raises(ConfigError, match="solver.steps=1: must be an integer >= 2"):
+        FlowSDE(steps=1)

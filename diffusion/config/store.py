@@ -28,7 +28,7 @@ def component_schemas() -> dict[str, type]:
     from diffusion.process import edm, flow, timestep_samplers
     from diffusion.process.gaussian import GaussianDiffusion
     from diffusion.runtime import hardware
-    from diffusion.sampling import auto, k_solver, solvers
+    from diffusion.sampling import auto, flow_sde, k_solver, solvers
 
     follow_model = {"image_size": "${follow_model:}"}
     return {
@@ -58,6 +58,7 @@ def component_schemas() -> dict[str, type]:
         "schema_dpm_solver": schema(solvers.DPMSolverPP),
         "schema_k_sampler": schema(k_solver.KSampler),
         "schema_auto_solver": schema(auto.AutoSolver),
+        "schema_flow_sde": schema(flow_sde.FlowSDE),
         "schema_diffusion_task": schema(tasks.DiffusionTask, runtime=("diffusion", "sampler", "solver")),
         "schema_classifier_task": schema(tasks.ClassifierTask, runtime=("diffusion", "sampler", "solver")),
         "schema_super_res_task": schema(tasks.SuperResTask, runtime=("diffusion", "sampler", "solver")),

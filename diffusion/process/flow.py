@@ -328,6 +328,7 @@ def sample_flow_sde(
     sample_eps: float = -1.0,
     generator: torch.Generator | None = None,
     model_kwargs: dict | None = None,
+    noise: Callable[[], Tensor] | None = None,
 ) -> Tensor:
     """SiT's SDE sampler: Euler-Maruyama from t = 0 (noise) towards t = 1 (data) with SiT's "sigma" diffusion.
 
@@ -340,6 +341,7 @@ def sample_flow_sde(
 
     Args:
         x: initial noise [N, ...] (x at t = 0).
+        noise: returns the next standard normal [N, ...] draw (the platform's per-image noise); else
         generator: a CPU generator for the Brownian increments: one float32 [N, ...] draw per step, in order,
             then moved to x's device and dtype (SiT's order); None uses the global RNG as SiT does.
     Returns:
@@ -364,10 +366,11 @@ def sample_flow_sde(
         return flow.velocity(out, x, t) + w * flow.score(out, x, t)
 
     for ti in grid[:-1]:
-        noise = torch.randn(x.shape, generator=generator).to(x)
+        z = noise() if noise is not None else torch.randn(x.shape, generator=generator)
+        z = z.to(x)
         t = torch.ones(n).to(x) * ti
         w = diffusion_norm * append_dims(flow.coefficients(t)[2], x.ndim)
-        x = x + sde_drift(x, t) * dt.to(x) + torch.sqrt(2 * w) * (noise * torch.sqrt(dt).to(x))
+        x = x + sde_drift(x, t) * dt.to(x) + torch.sqrt(2 * w) * (z * torch.sqrt(dt).to(x))
     t = torch.ones(n, device=x.device, dtype=x.dtype) * t1
     if last_step == "mean":
         x = x + sde_drift(x, t) * last_step_size
