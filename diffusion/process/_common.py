@@ -14,6 +14,7 @@ from torch import Tensor
 
 from diffusion.errors import ConfigError
 from diffusion.errors import check_choice as _check_choice
+from diffusion.process.denoiser import append_dims  # noqa: F401  (re-exported for edm.py and flow.py)
 
 KEY_PREFIX = "diffusion."
 
@@ -44,11 +45,6 @@ def check_float(key: str, value: object, *, positive: bool = False, nonneg: bool
 def check_choice(key: str, value: object, choices: tuple[str, ...]) -> str:
     """``value`` if it is one of ``choices``, else a ConfigError naming ``diffusion.<key>`` and the choices."""
     return _check_choice(f"{KEY_PREFIX}{key}", value, choices)
-
-
-def append_dims(v: Tensor, ndim: int) -> Tensor:
-    """[N] -> [N, 1, ..., 1] with ``ndim`` dims in all, so per-example values broadcast over an [N, ...] batch."""
-    return v.reshape(v.shape[0], *([1] * (ndim - 1)))
 
 
 def per_example(sigma: Tensor | float, x: Tensor) -> Tensor:

@@ -148,7 +148,7 @@ class DenoiserWrapper(Denoiser):
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
     """A [N] Tensor viewed as [N x 1 x ...] with ``ndim`` dimensions in all."""
-    return v.view(-1, *([1] * (ndim - 1)))
+    return v.reshape(v.shape[0], *([1] * (ndim - 1)))
 
 
 def sigma_tensor(sigma: float | Tensor, x: Tensor) -> Tensor:

@@ -189,8 +189,8 @@ class EDM(Formulation):
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
     def sample_levels(self, n: int, generator: torch.Generator, device=None) -> Tensor:
-        """n sigmas [n] float64 from ln(sigma) ~ N(P_mean, P_std^2), drawn on CPU with ``generator``."""
-        z = torch.randn(n, generator=generator, dtype=torch.float64)
+        """n sigmas [n] float64 from ln(sigma) ~ N(P_mean, P_std^2), drawn with ``generator`` on its device."""
+        z = torch.randn(n, generator=generator, dtype=torch.float64, device=generator.device)
         return (z * self.P_std + self.P_mean).exp().to(device)
 
     def quartile(self, levels: Tensor) -> Tensor:

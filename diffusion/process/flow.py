@@ -244,10 +244,16 @@ class Flow(Formulation):
     # ---- timestep density ----------------------------------------------------------------------------------------
 
     def raw_draws(self, n: int, generator: torch.Generator) -> Tensor:
-        """The density's underlying draws [n] float32 on CPU, made exactly as diffusers makes them."""
+        """The density's underlying draws [n] float32 on the generator's device, made as diffusers makes them."""
         if self.density == "logit_normal":
-            return torch.normal(mean=self.logit_mean, std=self.logit_std, size=(n,), generator=generator)
-        return torch.rand(size=(n,), generator=generator)
+            return torch.normal(
+                mean=self.logit_mean,
+                std=self.logit_std,
+                size=(n,),
+                generator=generator,
+                device=generator.device,
+            )
+        return torch.rand(size=(n,), generator=generator, device=generator.device)
 
     def u_from_draws(self, raw: Tensor) -> Tensor:
         """Raw draws [n] -> diffusers' density value u in [0, 1] [n] (computed in raw's dtype)."""
@@ -264,7 +270,7 @@ class Flow(Formulation):
         return self.train_eps + (1 - 2 * self.train_eps) * (1 - s)
 
     def sample_levels(self, n: int, generator: torch.Generator, device=None) -> Tensor:
-        """n training times t [n] float64, drawn on CPU with ``generator`` then moved to ``device``."""
+        """n training times t [n] float64, drawn with ``generator`` (on its device), then moved to ``device``."""
         return self.t_from_draws(self.raw_draws(n, generator)).to(device)
 
     def quartile(self, levels: Tensor) -> Tensor:

@@ -66,8 +66,7 @@ class DensitySampler:
     """A continuous formulation's training levels, in the engine's sampler interface (``sample``,
     ``update_with_losses``, ``state_dict``): draws depend only on the generator the engine keys by (seed, step).
 
-    The engine's generator lives on the training device; the formulation draws on the CPU (its float64 densities
-    must not depend on the device), from a CPU generator seeded by one draw of the engine's.
+    The formulation draws on the device of the engine's generator (the training device).
     """
 
     def __init__(self, formulation: Formulation) -> None:
@@ -76,12 +75,10 @@ class DensitySampler:
     def sample(
         self, batch_size: int, device, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        """(levels [N] float64, importance weights [N], all 1) on ``device``."""
-        if generator is None:
-            generator = torch.default_generator
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-        levels = self.formulation.sample_levels(batch_size, torch.Generator().manual_seed(seed))
-        return levels.to(device), torch.ones(batch_size, device=device)
+        """(levels [N] float64, importance weights [N], all 1) on ``device``, drawn with the engine's generator on
+        its own device, so a GPU step waits for no host round trip."""
+        levels = self.formulation.sample_levels(batch_size, generator or torch.default_generator, device)
+        return levels, torch.ones(batch_size, device=device)
 
     def update_with_losses(self, t: Tensor, losses: Tensor) -> None:
         """Nothing adapts: the density is the formulation's."""
